@@ -1,0 +1,1 @@
+"""colearn_jax.evals"""
