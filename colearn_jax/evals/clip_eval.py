@@ -1,0 +1,72 @@
+"""CLIP evaluation on the eval split: zero-shot top-1/top-5 and image<->text Recall@1/5/10.
+
+Embeddings are computed by jitted encoders with the batch sharded over the mesh's data axes, then
+gathered on the host (the eval sets here are small; large ones would stream top-k instead).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from colearn_jax import sharding
+from colearn_jax.evals.retrieval import retrieval_recall
+from colearn_jax.evals.zeroshot import topk_accuracy, zeroshot_classifier
+
+
+def _padded_apply(fn, x: np.ndarray, multiple: int) -> np.ndarray:
+    n = x.shape[0]
+    pad = (-n) % multiple
+    if pad:
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    return np.asarray(fn(x))[:n]
+
+
+def make_clip_evaluator(config, mesh, rules):
+    from colearn_jax.data import get_tokenizer, iterate_eval  # noqa: PLC0415
+
+    tokenizer = get_tokenizer(config.data.tokenizer, config.data.get("vocab_path"))
+    bsh = sharding.batch_sharding(mesh, rules)
+    dp = sharding.data_parallel_size(mesh, rules)
+    cache = {}
+
+    def encoders(model):
+        if id(model) not in cache:
+            def enc_img(variables, images):
+                with nn.logical_axis_rules(rules):
+                    return model.apply(variables, images, method=model.encode_image)
+
+            def enc_txt(variables, ids):
+                with nn.logical_axis_rules(rules):
+                    return model.apply(variables, ids, method=model.encode_text)
+
+            cache[id(model)] = (
+                jax.jit(enc_img, in_shardings=(None, bsh), out_shardings=sharding.replicated(mesh)),
+                jax.jit(enc_txt, in_shardings=(None, bsh), out_shardings=sharding.replicated(mesh)),
+            )
+        return cache[id(model)]
+
+    def evaluate(model, variables) -> dict[str, float]:
+        enc_img, enc_txt = encoders(model)
+        images, texts, labels = [], [], []
+        with jax.set_mesh(mesh):
+            for batch in iterate_eval(config.data, tokenizer):
+                keep = np.asarray(batch["mask"], bool)
+                images.append(np.asarray(enc_img(variables, batch["image"]))[keep])
+                texts.append(np.asarray(enc_txt(variables, batch["text"]))[keep])
+                if "label" in batch:
+                    labels.append(np.asarray(batch["label"])[keep])
+            image_embeds, text_embeds = np.concatenate(images), np.concatenate(texts)
+            metrics = {}
+            if config.eval.retrieval:
+                metrics.update(retrieval_recall(image_embeds, text_embeds))
+            if config.eval.zeroshot and labels:
+                classifier = zeroshot_classifier(
+                    lambda ids: _padded_apply(lambda x: enc_txt(variables, x), ids, dp),
+                    tokenizer, list(config.eval.class_names), list(config.eval.templates), config.data.context_length,
+                )
+                acc = topk_accuracy(image_embeds @ classifier.T, np.concatenate(labels))
+                metrics.update({f"zeroshot_{k}": v for k, v in acc.items()})
+        return metrics
+
+    return evaluate

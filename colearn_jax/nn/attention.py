@@ -1,0 +1,121 @@
+"""Multi-head attention shared by every model: self, cross and causal, with padding masks.
+
+Vaswani et al. 2017, Sec. 3.2. One implementation serves CLIP's towers, CoCa's decoder
+cross-attention, ViLBERT co-attention and mPLUG fusion. The kernel is `jax.nn.dot_product_attention`,
+whose `implementation` can be "xla" (any backend) or "cudnn" (fused flash attention on NVIDIA GPUs).
+
+Parameters are laid out per head — q/k/v kernels `[embed, heads, kv]`, output kernel
+`[heads, kv, embed]` — so the `tp` preset splits heads over the `model` mesh axis (Megatron style).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from colearn_jax.nn import layers
+
+
+def make_attention_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Array:
+    """Boolean mask [batch, 1, q, k] from per-token validity ([batch, q] and [batch, k])."""
+    if query_valid is None:
+        return key_valid[:, None, None, :]
+    return query_valid[:, None, :, None] & key_valid[:, None, None, :]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention.
+
+    Attributes:
+      num_heads: number of heads.
+      head_dim: per-head width; defaults to `width // num_heads` of the query input.
+      out_features: output width; defaults to the query width.
+      qkv_std / out_std: normal init std of the q/k/v and output kernels (None -> width**-0.5).
+      use_bias: biases on the q/k/v and output projections (zero-initialised).
+      add_bias_kv: learn one extra key/value appended to every sequence (ImageBind's non-image towers).
+      implementation: `jax.nn.dot_product_attention` implementation: None/"xla"/"cudnn".
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    out_features: int | None = None
+    qkv_std: float | None = None
+    out_std: float | None = None
+    use_bias: bool = True
+    add_bias_kv: bool = False
+    implementation: str | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        causal: bool = False,
+    ) -> jax.Array:
+        """Attends `inputs_q` [b, q, d] to `inputs_kv` [b, k, d'] (self-attention when None).
+
+        `mask` is boolean, broadcastable to [b, heads, q, k], True where attention is allowed.
+        `causal` adds a lower-triangular mask (query i sees keys <= i).
+        """
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        width = inputs_q.shape[-1]
+        if width % self.num_heads and self.head_dim is None:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.head_dim or width // self.num_heads
+        out_features = self.out_features or width
+        qkv_std = self.qkv_std if self.qkv_std is not None else width**-0.5
+        out_std = self.out_std if self.out_std is not None else width**-0.5
+
+        def project(name, x):
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                kernel_init=layers.normal(qkv_std, ("embed", "heads", "kv")),
+                bias_init=layers.zeros(("heads", "kv")),
+                name=name,
+            )(x)
+
+        q = project("query", inputs_q)
+        k = project("key", inputs_kv)
+        v = project("value", inputs_kv)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+        if self.add_bias_kv:
+            bias_k = self.param("bias_k", layers.normal(0.02, ("heads", "kv")), (self.num_heads, head_dim))
+            bias_v = self.param("bias_v", layers.normal(0.02, ("heads", "kv")), (self.num_heads, head_dim))
+            b = k.shape[0]
+            k = jnp.concatenate([k, jnp.broadcast_to(bias_k.astype(k.dtype), (b, 1) + bias_k.shape)], 1)
+            v = jnp.concatenate([v, jnp.broadcast_to(bias_v.astype(v.dtype), (b, 1) + bias_v.shape)], 1)
+            if mask is not None:  # the learned key is always visible
+                mask = jnp.broadcast_to(mask, mask.shape[:-1] + (mask.shape[-1],))
+                mask = jnp.concatenate([mask, jnp.ones(mask.shape[:-1] + (1,), bool)], -1)
+
+        if causal and self.add_bias_kv:
+            q_len, k_len = q.shape[1], k.shape[1] - 1
+            tri = jnp.tril(jnp.ones((q_len, k_len), bool))
+            tri = jnp.concatenate([tri, jnp.ones((q_len, 1), bool)], -1)[None, None]
+            mask = tri if mask is None else mask & tri
+            causal = False
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
+
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal, implementation=self.implementation
+        )
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        out = nn.DenseGeneral(
+            out_features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=layers.normal(out_std, ("heads", "kv", "embed")),
+            bias_init=layers.zeros(("embed",)),
+            name="out",
+        )(out)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))

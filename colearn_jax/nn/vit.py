@@ -1,0 +1,88 @@
+"""Vision Transformer image tower (Dosovitskiy et al. 2021, Sec. 3.1), in CLIP's layout.
+
+Bias-free patch embedding, class token, learned positions, `ln_pre` (CLIP), a pre-LN transformer
+stack, `ln_post` on the pooled token and an optional bias-free projection (Radford et al. 2021,
+Sec. 2.4). Returns the pooled (projected) embedding and all tokens (for CoCa / mPLUG fusion).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from colearn_jax.nn import layers
+from colearn_jax.nn.transformer import BlockConfig, TransformerStack
+
+
+class VisionTransformer(nn.Module):
+    image_size: int
+    patch_size: int
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    output_dim: int | None = None  # bias-free projection after ln_post; None = no projection
+    activation: str = "gelu"
+    pool: str = "cls"  # "cls" (class token) or "gap" (mean of patch tokens)
+    ln_pre: bool = True
+    ln_eps: float = 1e-5
+    scan: bool = False
+    remat_policy: str = "none"
+    attention_impl: str | None = None
+    dtype: Any = jnp.float32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """images: [b, H, W, C] float -> {"embedding": [b, D], "tokens": [b, 1 + grid^2, width]}."""
+        if images.ndim != 4 or images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+            raise ValueError(
+                f"VisionTransformer expects images of shape [batch, {self.image_size}, "
+                f"{self.image_size}, channels]; got {images.shape}."
+            )
+        scale = self.width**-0.5
+        x = nn.Conv(
+            self.width,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=layers.with_axes(
+                nn.initializers.lecun_normal(), ("patch", "patch", "channels", "embed")
+            ),
+            name="patch_embed",
+        )(images.astype(self.dtype))
+        b = x.shape[0]
+        x = x.reshape(b, -1, self.width)
+        cls = self.param("class_embedding", layers.normal(scale, ("embed",)), (self.width,))
+        pos = self.param(
+            "positional_embedding", layers.normal(scale, ("length", "embed")), (self.grid**2 + 1, self.width)
+        )
+        cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if self.ln_pre:
+            x = layers.LayerNorm(self.ln_eps, name="ln_pre")(x)
+        cfg = BlockConfig.clip_init(
+            self.num_heads, self.width, self.num_layers,
+            mlp_dim=int(self.width * self.mlp_ratio), activation=self.activation, ln_eps=self.ln_eps,
+            attention_impl=self.attention_impl,
+        )
+        x = TransformerStack(
+            self.num_layers, cfg, scan=self.scan, remat_policy=self.remat_policy,
+            deterministic=not train, dtype=self.dtype, name="transformer",
+        )(x)
+        pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(axis=1)
+        pooled = layers.LayerNorm(self.ln_eps, name="ln_post")(pooled)
+        if self.output_dim is not None:
+            proj = self.param(
+                "proj", layers.normal(scale, ("embed", "proj")), (self.width, self.output_dim)
+            )
+            pooled = pooled @ proj.astype(pooled.dtype)
+        return {"embedding": pooled, "tokens": x}

@@ -1,0 +1,146 @@
+"""Device mesh from config, logical-axis rule presets, and placement of arrays and batches.
+
+Parameters and activations are annotated with *logical* axis names (batch, length, embed, mlp,
+heads, kv, vocab, patch, channels, proj, layers). A rule preset maps them onto the mesh axes
+(data, fsdp, model), so data parallel, ZeRO-3/FSDP and Megatron tensor parallel are a config change
+(Xu et al. 2021, GSPMD; Rajbhandari et al. 2020, ZeRO; Shoeybi et al. 2019, Megatron-LM).
+
+Presets (`config.sharding`):
+  dp       params replicated; batch over (data, fsdp).
+  fsdp     params and optimizer state sharded over (data, fsdp) along their `embed`/`vocab` dims.
+  tp       attention heads, MLP hidden units and the vocabulary split over `model`.
+  fsdp_tp  both.
+Rules are ordered; flax never reuses a mesh axis within one array, so an activation
+[batch, length, embed] keeps batch on (data, fsdp) and leaves `embed` unsharded.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "model")
+DATA_AXES = ("data", "fsdp")
+
+_BATCH = [("batch", DATA_AXES)]
+_FSDP = [("embed", DATA_AXES), ("vocab", DATA_AXES), ("channels", DATA_AXES)]
+_TP = [("heads", "model"), ("mlp", "model"), ("vocab", "model")]
+
+RULE_PRESETS: dict[str, list[tuple[str, Any]]] = {
+    "dp": _BATCH,
+    "fsdp": _BATCH + _FSDP,
+    "tp": _BATCH + _TP,
+    "fsdp_tp": _BATCH + _TP + _FSDP,
+}
+
+
+def get_rules(sharding: str | Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """Rules from a preset name or an explicit list of (logical, mesh axes) pairs."""
+    if isinstance(sharding, str):
+        if sharding not in RULE_PRESETS:
+            raise ValueError(
+                f"config.sharding={sharding!r} is not a preset; choose one of {sorted(RULE_PRESETS)} "
+                "or give explicit rules [(logical_name, mesh_axes), ...]."
+            )
+        return tuple((k, v) for k, v in RULE_PRESETS[sharding])
+    rules = tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sharding)
+    for _, mesh_axes in rules:
+        for ax in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)):
+            if ax is not None and ax not in MESH_AXES:
+                raise ValueError(f"config.sharding rule names mesh axis {ax!r}; mesh axes are {MESH_AXES}.")
+    return rules
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+    """Mesh axes the `batch` logical axis maps onto."""
+    for name, axes in rules:
+        if name == "batch":
+            return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    return ()
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+    """Resolves `config.mesh` (-1 fills the rest) against the device count, with clear errors."""
+    sizes = {ax: int(mesh_cfg.get(ax, 1)) for ax in MESH_AXES}
+    unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; mesh axes are {MESH_AXES}.")
+    fill = [ax for ax, n in sizes.items() if n == -1]
+    if len(fill) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1; got {fill}.")
+    for ax, n in sizes.items():
+        if n == 0 or n < -1:
+            raise ValueError(f"config.mesh.{ax}={n} must be a positive size or -1.")
+    fixed = math.prod(n for n in sizes.values() if n != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ValueError(
+                f"config.mesh: the fixed axes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices present, so config.mesh.{fill[0]}=-1 cannot fill the rest."
+            )
+        sizes[fill[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total > num_devices:
+        raise ValueError(
+            f"config.mesh {sizes} needs {total} devices but only {num_devices} are present."
+        )
+    if total < num_devices:
+        raise ValueError(
+            f"config.mesh {sizes} uses {total} of the {num_devices} devices present; set one axis to -1 "
+            "to use them all."
+        )
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, model) mesh with Auto axis types (GSPMD propagation, pjit semantics)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[ax] for ax in MESH_AXES)
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+    return math.prod(mesh.shape[ax] for ax in batch_axes(rules))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, rules, key: str = "config.data.batch_size"):
+    n = data_parallel_size(mesh, rules)
+    if batch_size % n:
+        raise ValueError(
+            f"{key}={batch_size} is not divisible by the {n} data-parallel devices "
+            f"(mesh axes {batch_axes(rules)} of mesh {dict(mesh.shape)})."
+        )
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, rules):
+    """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, P(batch_axes(rules)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict, mesh: Mesh, rules) -> dict:
+    """Places a host batch (this process's rows) as global arrays sharded over the data axes."""
+    sharding = batch_sharding(mesh, rules)
+
+    def place(x):
+        x = np.asarray(x)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(place, batch)
