@@ -51,7 +51,7 @@ def _base() -> ml_collections.ConfigDict:
         dict(type="vit", image_size=32, patch_size=8, width=96, layers=4, heads=4, mlp_ratio=4.0, pool="cls")
     )
     c.model.text = ml_collections.ConfigDict(
-        dict(vocab_size=259, context_length=32, width=64, layers=2, heads=4, mlp_ratio=4.0)
+        dict(vocab_size=384, context_length=32, width=64, layers=2, heads=4, mlp_ratio=4.0)
     )
 
     c.loss = ml_collections.ConfigDict(dict(name="clip", gather="auto"))

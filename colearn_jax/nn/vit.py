@@ -54,7 +54,7 @@ class VisionTransformer(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             kernel_init=layers.with_axes(
-                nn.initializers.lecun_normal(), ("patch", "patch", "channels", "embed")
+                nn.initializers.lecun_normal(), (None, None, "channels", "embed")
             ),
             name="patch_embed",
         )(images.astype(self.dtype))

@@ -39,8 +39,8 @@ def make_train_step(model, objective: Callable, tx: optax.GradientTransformation
         metrics = {
             "loss": loss,
             **metrics,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
         }
         new_state = state.replace(
