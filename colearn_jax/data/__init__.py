@@ -1,1 +1,27 @@
-"""colearn_jax.data"""
+"""colearn_jax.data: tokenizers, CLIP image preprocessing, the `digits_captions` TFDS builder and
+grain pipelines. Names from `digits` and `pipeline` (which import TFDS and grain) load lazily."""
+from colearn_jax.data.image_ops import (CLIP_MEAN, CLIP_STD, clip_preprocess, normalize,
+                                        random_translate, resize_short_side_center_crop)
+from colearn_jax.data.tokenizers import (ByteTokenizer, ClipBpeTokenizer, find_clip_vocab,
+                                         get_tokenizer)
+
+_LAZY = {
+    "DigitsCaptions": "digits", "CLASS_NAMES": "digits", "ZEROSHOT_TEMPLATES": "digits",
+    "CAPTION_TEMPLATES": "digits", "ensure_built": "digits",
+    "make_source": "pipeline", "make_train_iterator": "pipeline", "iterate_eval": "pipeline",
+    "default_data_config": "pipeline",
+}
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "clip_preprocess", "normalize", "random_translate",
+    "resize_short_side_center_crop", "ByteTokenizer", "ClipBpeTokenizer", "find_clip_vocab",
+    "get_tokenizer", *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib  # pylint: disable=import-outside-toplevel
+
+        return getattr(importlib.import_module(f"colearn_jax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'colearn_jax.data' has no attribute {name!r}")

@@ -1,0 +1,77 @@
+"""Image preprocessing in numpy/PIL: CLIP's eval transform (bicubic short-side resize, centre
+crop, mean/std normalisation) and a light random translation for training."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _as_hwc(image) -> np.ndarray:
+    """uint8 [H, W] / [H, W, C] with C in 1, 3, 4 -> uint8 [H, W, C]."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"Expected a uint8 image, got dtype {image.dtype}.")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"Expected an HW, HW1, HW3 or HW4 image, got shape {image.shape}.")
+    return image
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """uint8 [H, W] / [H, W, 1] / [H, W, 3] / [H, W, 4] -> uint8 [H, W, 3] (alpha dropped)."""
+    image = _as_hwc(image)
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    return image[..., :3]
+
+
+def resize_short_side_center_crop(image, size: int) -> np.ndarray:
+    """Bicubic resize so the short side is `size`, then a centre `size x size` crop (uint8 HWC).
+
+    Matches torchvision's `Resize(size, BICUBIC)` + `CenterCrop(size)` on PIL images, the
+    transform CLIP and open_clip use at evaluation.
+    """
+    image = _as_hwc(image)
+    h, w = image.shape[:2]
+    if h == size and w == size:
+        return to_rgb_uint8(image)
+    if h <= w:
+        new_h, new_w = size, int(size * w / h)
+    else:
+        new_h, new_w = int(size * h / w), size
+    if (new_h, new_w) != (h, w):
+        # Resize in the source mode (PIL resizes RGBA with premultiplied alpha), then go to RGB.
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        image = _as_hwc(np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC)))
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return to_rgb_uint8(image[top : top + size, left : left + size])
+
+
+def normalize(image) -> np.ndarray:
+    """uint8 HWC -> float32 `(x / 255 - CLIP_MEAN) / CLIP_STD`."""
+    x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
+    std = np.asarray(CLIP_STD, dtype=np.float32)
+    return (x - mean) / std
+
+
+def clip_preprocess(image, size: int) -> np.ndarray:
+    """CLIP eval preprocessing: uint8 image of any size -> float32 [size, size, 3]."""
+    return normalize(resize_short_side_center_crop(image, size))
+
+
+def random_translate(image: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Shifts an HWC image by up to `max_shift` pixels in each direction, filling with zeros."""
+    if max_shift <= 0:
+        return image
+    dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+    h, w = image.shape[:2]
+    out = np.zeros_like(image)
+    src = image[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+    out[max(0, dy) : max(0, dy) + src.shape[0], max(0, dx) : max(0, dx) + src.shape[1]] = src
+    return out

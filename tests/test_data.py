@@ -1,0 +1,208 @@
+"""Tests of the digits_captions TFDS builder and the grain train / eval pipelines."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from colearn_jax.data import digits, pipeline
+from colearn_jax.data.tokenizers import ByteTokenizer
+
+NUMERALS = {str(i): i for i in range(10)}
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return digits.ensure_built()  # $TFDS_DATA_DIR, set by conftest to a repo-local cache
+
+
+def _cfg(data_dir, **overrides):
+    cfg = pipeline.default_data_config()
+    cfg.data_dir = data_dir
+    cfg.batch_size = 32
+    cfg.eval_batch_size = 128
+    cfg.update(overrides)
+    return cfg
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- builder
+
+def test_digits_builder(data_dir):
+    assert data_dir == os.path.abspath(os.environ["TFDS_DATA_DIR"])
+    assert digits.ensure_built(data_dir) == data_dir  # already built: a quick no-op
+    sources = {s: tfds.data_source("digits_captions", split=s, data_dir=data_dir)
+               for s in ("train", "test")}
+    assert {s: len(src) for s, src in sources.items()} == {"train": 1497, "test": 300}
+    ids = {s: {int(ex["id"]) for ex in src} for s, src in sources.items()}
+    assert not ids["train"] & ids["test"] and len(ids["train"] | ids["test"]) == 1797
+    test_labels = np.array([ex["label"] for ex in sources["test"]])
+    assert np.bincount(test_labels, minlength=10).min() >= 29  # stratified: ~30 per class
+    for ex in list(sources["test"])[:50]:
+        assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
+        assert np.array_equal(ex["image"][..., 0], ex["image"][..., 2])  # grey as RGB
+        assert ex["image"].max() > 128
+        caption = ex["caption"].decode()
+        words = set(caption.replace("-", " ").split())
+        assert digits.CLASS_NAMES[ex["label"]] in words or str(ex["label"]) in words, caption
+    assert len(digits.CAPTION_TEMPLATES) >= 6
+    longest = max(len(t.format(word=w, num=i)) for t in digits.CAPTION_TEMPLATES
+                  for i, w in enumerate(digits.CLASS_NAMES))
+    assert longest <= 30  # fits the byte tokenizer at context length 32
+    assert all("{}" in t for t in digits.ZEROSHOT_TEMPLATES) and len(digits.CLASS_NAMES) == 10
+
+
+def test_digits_builder_is_deterministic(data_dir, tmp_path):
+    other = digits.ensure_built(str(tmp_path))
+    a = tfds.data_source("digits_captions", split="test", data_dir=data_dir)
+    b = tfds.data_source("digits_captions", split="test", data_dir=other)
+    for i in (0, 7, 299):
+        assert a[i]["id"] == b[i]["id"] and a[i]["caption"] == b[i]["caption"]
+        np.testing.assert_array_equal(a[i]["image"], b[i]["image"])
+    train, test = digits.split_indices(np.arange(1797) % 10)
+    assert len(test) == 300 and len(train) == 1497
+
+
+# ---------------------------------------------------------------- train pipeline
+
+def test_train_batches_shapes_and_determinism(data_dir):
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir, context_length=48)  # room for every caption in bytes
+    first = _take(pipeline.make_train_iterator(cfg, tok, seed=0), 2)
+    b = first[0]
+    assert set(b) == {"image", "text", "label"}
+    assert b["image"].shape == (32, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["text"].shape == (32, 48) and b["text"].dtype == np.int32
+    assert b["label"].shape == (32,) and b["label"].dtype == np.int32
+    assert np.all(b["text"][:, 0] == tok.sot_id) and np.all((b["text"] == tok.eot_id).sum(1) == 1)
+    assert -2.0 < b["image"].min() < b["image"].max() < 2.2  # CLIP-normalised
+    for text, label in zip(b["text"], b["label"]):
+        words = set(tok.decode(text).replace("-", " ").split())
+        assert digits.CLASS_NAMES[label] in words or str(label) in words
+    again = _take(pipeline.make_train_iterator(cfg, tok, seed=0), 2)
+    other = _take(pipeline.make_train_iterator(cfg, tok, seed=1), 2)
+    for x, y in zip(first, again):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_train_image_size_and_augment(data_dir):
+    tok = ByteTokenizer()
+    plain = next(pipeline.make_train_iterator(_cfg(data_dir, image_size=48), tok, seed=3))
+    aug = next(pipeline.make_train_iterator(_cfg(data_dir, image_size=48, augment=True), tok,
+                                            seed=3))
+    assert plain["image"].shape == aug["image"].shape == (32, 48, 48, 3)
+    np.testing.assert_array_equal(plain["label"], aug["label"])
+    assert not np.array_equal(plain["image"], aug["image"])
+
+
+def test_process_sharding_is_disjoint_and_interleaves_the_global_stream(data_dir):
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir, label_key="id", batch_size=64)  # "label" carries the example id
+    whole = np.concatenate([b["label"] for b in _take(
+        pipeline.make_train_iterator(cfg, tok, seed=5), 11)])
+    parts = [np.concatenate([b["label"] for b in _take(pipeline.make_train_iterator(
+        cfg, tok, seed=5, process_index=p, process_count=2), 11)]) for p in range(2)]
+    assert parts[0].shape == (11 * 32,)
+    assert not set(parts[0]) & set(parts[1]) and len(set(parts[0])) == len(parts[0])
+    np.testing.assert_array_equal(whole[0::2], parts[0])
+    np.testing.assert_array_equal(whole[1::2], parts[1])
+
+
+def test_iterator_state_resumes_exactly(data_dir):
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir, augment=True)
+    it = pipeline.make_train_iterator(cfg, tok, seed=7)
+    _take(it, 5)
+    state = it.get_state()
+    expected = _take(it, 3)
+    fresh = pipeline.make_train_iterator(cfg, tok, seed=7)
+    fresh.set_state(state)
+    for x, y in zip(expected, _take(fresh, 3)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_iterator_orbax_checkpoint(data_dir, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir)
+    it = pipeline.make_train_iterator(cfg, tok, seed=2)
+    _take(it, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        expected = next(it)
+        fresh = pipeline.make_train_iterator(cfg, tok, seed=2)
+        mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    np.testing.assert_array_equal(next(fresh)["image"], expected["image"])
+
+
+# ---------------------------------------------------------------- eval and errors
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_covers_split_once_in_order(data_dir, process_count):
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir, label_key="id")
+    source = tfds.data_source("digits_captions", split="test", data_dir=data_dir)
+    order = [int(ex["id"]) for ex in source]
+    per_process = [list(pipeline.iterate_eval(cfg, tok, process_index=p,
+                                              process_count=process_count))
+                   for p in range(process_count)]
+    assert len({len(bs) for bs in per_process}) == 1 and len(per_process[0]) == 3
+    seen = []
+    for step in range(3):
+        batches = [bs[step] for bs in per_process]
+        for b in batches:
+            assert b["image"].shape == (128 // process_count, 32, 32, 3)
+            assert b["mask"].dtype == np.bool_ and b["text"].shape == (128 // process_count, 16)
+            assert np.all(b["label"][~b["mask"]] == 0) and np.all(b["text"][~b["mask"]] == 0)
+        labels = np.concatenate([b["label"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        seen.extend(labels[mask].tolist())
+    assert seen == order
+    assert sum(int(bs[-1]["mask"].sum()) for bs in per_process) == 300 - 2 * 128
+
+
+def test_eval_first_caption_of_a_caption_list():
+    transform = pipeline._ExampleTransform(_cfg(None, text_key="captions/text", label_key=None),
+                                           ByteTokenizer(), with_label=False)
+    example = {"image": np.zeros((40, 60, 3), np.uint8),
+               "captions": {"text": np.array([b"first", b"second", b"third"], dtype=object)}}
+    out = transform(example)
+    assert set(out) == {"image", "text"} and out["image"].shape == (32, 32, 3)
+    assert ByteTokenizer().decode(out["text"]) == "first"
+    rng = np.random.default_rng(0)
+    picks = {ByteTokenizer().decode(transform(example, rng)["text"]) for _ in range(30)}
+    assert picks == {"first", "second", "third"}
+
+
+def test_clear_errors(data_dir, tmp_path):
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match="config.data.batch_size"):
+        pipeline.make_train_iterator(_cfg(data_dir, batch_size=100), tok, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="config.data.eval_batch_size"):
+        pipeline.iterate_eval(_cfg(data_dir, eval_batch_size=5), tok, process_count=2)
+    with pytest.raises(ValueError, match="no_such_dataset"):
+        pipeline.make_source("no_such_dataset", "train", data_dir)
+    with pytest.raises(FileNotFoundError, match=r"'mnist'.*not prepared.*tfds build mnist"):
+        pipeline.make_source("mnist", "train", str(tmp_path))
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        pipeline.make_source("digits_captions", "validation", data_dir)
+
+
+def test_default_context_fits_every_digits_caption_with_clip_bpe():
+    from colearn_jax.data.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("clip_bpe")
+    context = pipeline.default_data_config().context_length
+    captions = [t.format(word=w, num=i) for t in digits.CAPTION_TEMPLATES
+                for i, w in enumerate(digits.CLASS_NAMES)]
+    captions += [t.format(w) for t in digits.ZEROSHOT_TEMPLATES for w in digits.CLASS_NAMES]
+    assert max(len(tok.encode(c)) for c in captions) + 2 <= context

@@ -1,0 +1,57 @@
+"""CLIP image preprocessing tests, including parity with open_clip's eval transform."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from colearn_jax.data import image_ops
+
+_SHAPES = [(300, 400, 3), (224, 224, 3), (100, 57, 3), (37, 500), (640, 480, 1), (225, 224, 3),
+           (8, 8, 3), (500, 31, 4), (1000, 1000, 3)]
+
+
+@pytest.fixture(scope="module")
+def open_clip_transforms():
+    import open_clip  # the [parity] extra is installed for the test suite
+
+    return {s: open_clip.image_transform(s, is_train=False) for s in (224, 32)}
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return Image.fromarray(image)
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_clip_preprocess_matches_open_clip(open_clip_transforms, shape):
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    for size, transform in open_clip_transforms.items():
+        ref = transform(_pil(image)).numpy().transpose(1, 2, 0)
+        ours = image_ops.clip_preprocess(image, size)
+        assert ours.shape == (size, size, 3) and ours.dtype == np.float32
+        assert np.abs(ours - ref).max() <= 1e-2
+
+
+def test_resize_crop_and_normalize():
+    image = np.zeros((20, 40), np.uint8)
+    image[:, 10:30] = 255  # the centre square of a wide image survives the crop
+    out = image_ops.resize_short_side_center_crop(image, 10)
+    assert out.shape == (10, 10, 3) and out.dtype == np.uint8 and out[:, 1:-1].min() == 255
+    same = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    np.testing.assert_array_equal(image_ops.resize_short_side_center_crop(same, 4), same)
+    x = image_ops.normalize(np.full((2, 2, 3), 255, np.uint8))
+    expected = (1 - np.array(image_ops.CLIP_MEAN)) / np.array(image_ops.CLIP_STD)
+    np.testing.assert_allclose(x[0, 0], expected, rtol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        image_ops.clip_preprocess(np.zeros((4, 4, 3), np.float32), 4)
+
+
+def test_random_translate():
+    rng = np.random.default_rng(0)
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[3:5, 3:5] = 200
+    shifted = [image_ops.random_translate(image, rng, 2) for _ in range(20)]
+    assert all(s.shape == image.shape and s.sum() == image.sum() for s in shifted)
+    assert any(not np.array_equal(s, image) for s in shifted)
+    np.testing.assert_array_equal(image_ops.random_translate(image, rng, 0), image)
