@@ -4,6 +4,8 @@
   ½[CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)], s = exp(logit_scale).
 - `siglip_loss`: pairwise sigmoid loss (Zhai et al. 2023, Sec. 3):
   −Σ_ij log σ(z_ij (t·x_i·y_j + b)) / B, z = 2·I − 1.
+- `ntxent_loss`: SimCLR's NT-Xent (Chen et al. 2020; google-research/simclr tf2 `add_contrastive_loss`):
+  mean_i CE([ab, aa]) + mean_i CE([ba, bb]) with the self-similarities of aa, bb masked by −1e9.
 
 Every example's negatives are the whole global batch. The embeddings arrive as global arrays
 sharded along the batch over the mesh's data axes; `gather` picks how the [B, B] logits are formed:
@@ -12,10 +14,12 @@ sharded along the batch over the mesh's data axes; `gather` picks how the [B, B]
 - "all_gather": `shard_map` — each device keeps its local rows and all-gathers the columns
   (open_clip's `--local-loss --gather-with-grad`). `lax.all_gather`'s transpose is a
   reduce-scatter, so gradients flow back to the shard that produced each column.
-- "ring": see `colearn_jax.losses.ring` when available: columns travel around the ring with
-  `ppermute` and an online log-sum-exp, so memory stays O(local_batch²).
+- "ring": `colearn_jax.losses.ring`: columns travel around the ring with `ppermute`, folded in
+  chunks into an online log-sum-exp; the backward (`custom_vjp`) recomputes each block, so the
+  per-device memory is O(local_batch × chunk + local_batch × D) instead of O(local_batch × B).
 
-All modes give the same value and gradients as the single-device computation (tests/test_losses.py).
+All modes give the same value and gradients as the single-device computation (tests/test_losses.py,
+tests/test_ring_loss.py).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
+
+from colearn_jax.losses import ring
 
 GATHER_MODES = ("auto", "all_gather", "ring")
 
@@ -53,6 +59,33 @@ def _clip_block_terms(img_rows, txt_rows, img_cols, txt_cols, scale, offset):
     ce_i, acc_i = one_direction(img_rows, txt_cols)
     ce_t, acc_t = one_direction(txt_rows, img_cols)
     return ce_i, ce_t, acc_i, acc_t
+
+
+def _ntxent_block_terms(z1_rows, z2_rows, z1_cols, z2_cols, scale, offset):
+    """SimCLR NT-Xent sums of local anchors against all columns: (Σ CE_a, Σ CE_b, correct_a, correct_b).
+
+    Row i's logits are [ab | aa] (direction a) and [ba | bb] (direction b) over the global batch;
+    its own column of aa / bb (global index offset + i) has −1e9 subtracted, the positive is
+    column offset + i of ab / ba.
+    """
+    b, n = z1_rows.shape[0], z1_cols.shape[0]
+    labels = offset + jnp.arange(b)
+    self_mask = (labels[:, None] == jnp.arange(n)[None, :]).astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+
+    def logits(rows, cols):
+        return scale * jnp.einsum("bd,nd->bn", rows, cols, precision=hi)
+
+    def one_direction(cross, same):
+        full = jnp.concatenate([cross, same - ring.LARGE_NUM * self_mask], axis=-1)
+        lse = jax.nn.logsumexp(full, axis=-1)
+        pos = jnp.take_along_axis(cross, labels[:, None], axis=-1)[:, 0]
+        correct = jnp.sum(jnp.argmax(full, axis=-1) == labels)
+        return jnp.sum(lse - pos), correct
+
+    ce_a, acc_a = one_direction(logits(z1_rows, z2_cols), logits(z1_rows, z1_cols))
+    ce_b, acc_b = one_direction(logits(z2_rows, z1_cols), logits(z2_rows, z2_cols))
+    return ce_a, ce_b, acc_a, acc_b
 
 
 def _siglip_block_terms(img_rows, txt_cols, scale, bias, offset):
@@ -106,8 +139,6 @@ def clip_loss(
     img = image_embeds.astype(jnp.float32)
     txt = text_embeds.astype(jnp.float32)
     if gather == "ring":
-        from colearn_jax.losses import ring  # noqa: PLC0415
-
         ce_i, ce_t, acc_i, acc_t = ring.clip_terms(img, txt, scale, mesh=mesh, batch_axes=batch_axes)
     elif gather == "auto":
         ce_i, ce_t, acc_i, acc_t = _clip_block_terms(img, txt, img, txt, scale, 0)
@@ -143,8 +174,6 @@ def siglip_loss(
     img = image_embeds.astype(jnp.float32)
     txt = text_embeds.astype(jnp.float32)
     if gather == "ring":
-        from colearn_jax.losses import ring  # noqa: PLC0415
-
         total = ring.siglip_terms(img, txt, scale, bias, mesh=mesh, batch_axes=batch_axes)
     elif gather == "auto":
         total = _siglip_block_terms(img, txt, scale, bias, 0)
@@ -157,6 +186,56 @@ def siglip_loss(
         total = _shard_mapped(local, mesh, batch_axes, 2, 2)(img, txt, scale, bias)
     loss = total / n
     return loss, {"logit_scale": scale, "logit_bias": bias}
+
+
+def ntxent_loss(
+    z1: jax.Array,
+    z2: jax.Array,
+    temperature: float | jax.Array,
+    *,
+    gather: str = "auto",
+    mesh: Mesh | None = None,
+    batch_axes: Sequence[str] = ("data", "fsdp"),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SimCLR's NT-Xent over the global batch (Chen et al. 2020), as google-research/simclr (tf2).
+
+    z1, z2 are L2-normalised here. With s = 1/τ and N the global batch:
+      ab = s·z1·z2ᵀ, aa = s·z1·z1ᵀ − 1e9·I, ba = s·z2·z1ᵀ, bb = s·z2·z2ᵀ − 1e9·I,
+      loss = mean_i CE([ab, aa]_i, i) + mean_i CE([ba, bb]_i, i).
+    Both directions are *summed* (the reference's `reduce_mean(loss_a + loss_b)`), which is twice
+    the "mean over the 2N anchors" form used by most other ports.
+
+    Args:
+      z1, z2: [B, D] global arrays, the two augmented views (row i of each is a positive pair).
+      temperature: τ (a Python float or a traced scalar; gradients flow into it).
+      gather, mesh, batch_axes: as for `clip_loss`.
+    Returns:
+      (loss, metrics) with `contrast_acc` (top-1 of [ab, aa] at the positive, the reference's
+      metric), `contrast_acc_ba` (the same for [ba, bb]) and `temperature`.
+    """
+    _check_mode(gather, mesh)
+    if z1.shape != z2.shape:
+        raise ValueError(f"the two views differ in shape: {z1.shape} vs {z2.shape}")
+    n = z1.shape[0]
+    tau = jnp.asarray(temperature, jnp.float32)
+    scale = 1.0 / tau
+    z1, z2 = l2_normalize(z1), l2_normalize(z2)
+    if gather == "ring":
+        ce_a, ce_b, acc_a, acc_b = ring.ntxent_terms(z1, z2, scale, mesh=mesh, batch_axes=batch_axes)
+    elif gather == "auto":
+        ce_a, ce_b, acc_a, acc_b = _ntxent_block_terms(z1, z2, z1, z2, scale, 0)
+    else:
+        axes = tuple(batch_axes)
+
+        def local(z1_l, z2_l, scale, offset):
+            z1_all = jax.lax.all_gather(z1_l, axes, tiled=True)
+            z2_all = jax.lax.all_gather(z2_l, axes, tiled=True)
+            return _ntxent_block_terms(z1_l, z2_l, z1_all, z2_all, scale, offset)
+
+        ce_a, ce_b, acc_a, acc_b = _shard_mapped(local, mesh, batch_axes, 2, 1)(z1, z2, scale)
+    loss = (ce_a + ce_b) / n
+    metrics = {"contrast_acc": acc_a / n, "contrast_acc_ba": acc_b / n, "temperature": tau}
+    return loss, metrics
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
