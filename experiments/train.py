@@ -17,6 +17,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -41,6 +42,7 @@ def main(argv):
     if _MULTIHOST.value:
         jax.distributed.initialize()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines drown the progress bar
     config = _CONFIG.value
     from colearn_jax.train import loop  # noqa: PLC0415
 
@@ -61,6 +63,21 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (unless --compile_only).")
     loop.train(config, _WORKDIR.value)
+    summarize(_WORKDIR.value)
+
+
+def summarize(workdir: str):
+    """Prints the final held-out metrics of the run (from metrics.jsonl)."""
+    from colearn_jax.train.metrics import read_metrics  # noqa: PLC0415
+
+    evals = [r for r in read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
+    if not evals:
+        return
+    last = evals[-1]
+    print(f"\nHeld-out evaluation at step {last['step']}:")
+    for k, v in last.items():
+        if k.startswith("eval/"):
+            print(f"  {k:24s} {100 * v:6.2f}%")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def zeroshot_classifier(
 ) -> np.ndarray:
     """Returns [num_classes, D] unit-norm class embeddings. `encode_text` maps ids -> unit embeddings."""
     prompts = [t.format(name) for name in class_names for t in templates]
-    emb = np.asarray(encode_text(tokenizer(prompts, context_length)), np.float32)
+    emb = np.array(encode_text(tokenizer(prompts, context_length)), np.float32)
     emb = emb.reshape(len(class_names), len(templates), -1)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
     weights = emb.mean(axis=1)

@@ -63,6 +63,19 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def list_steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in `directory` (in-progress or interrupted saves excluded)."""
+    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
+        return sorted(ckpt.all_steps())
+
 
 def with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs carrying the target shardings (what Orbax restores into)."""
@@ -90,24 +103,23 @@ def load(path: str, step: int | None = None, devices=None) -> tuple[Any, dict, m
     from colearn_jax.train.state import state_shardings  # noqa: PLC0415
 
     directory = _checkpoint_dir(path)
-    ckpt = Checkpointer(directory, read_only=True, async_save=False)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"No complete checkpoint found in {directory}.")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise FileNotFoundError(f"Checkpoint step {step} not in {directory}; available steps: {sorted(steps)}.")
-    config = ckpt.restore_config(step)
-    devices = devices or jax.local_devices()[:1]
-    mesh = Mesh(np.asarray(devices).reshape(len(devices), 1, 1), sharding.MESH_AXES)
-    rules = sharding.get_rules("dp")
-    system = get_system(config.model.name)
-    model = system.build_model(config)
-    tx, _ = make_optimizer(config.optim, config.train.num_steps)
-    abstract, shardings = state_shardings(model, tx, system.example_batch(config, len(devices)), mesh, rules)
-    state, _ = ckpt.restore(step, with_shardings(abstract, shardings))
-    ckpt.close()
+    with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No complete checkpoint found in {directory}.")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(f"Checkpoint step {step} not in {directory}; available steps: {sorted(steps)}.")
+        config = ckpt.restore_config(step)
+        devices = devices or jax.local_devices()[:1]
+        mesh = Mesh(np.asarray(devices).reshape(len(devices), 1, 1), sharding.MESH_AXES)
+        rules = sharding.get_rules("dp")
+        system = get_system(config.model.name)
+        model = system.build_model(config)
+        tx, _ = make_optimizer(config.optim, config.train.num_steps)
+        abstract, shardings = state_shardings(model, tx, system.example_batch(config, len(devices)), mesh, rules)
+        state, _ = ckpt.restore(step, with_shardings(abstract, shardings))
     return model, state.variables(), config
 
 

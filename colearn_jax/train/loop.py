@@ -142,51 +142,53 @@ def train(config, workdir: str, *, hooks: Iterable[Callable[[int, TrainState], N
     writer = MetricWriter(workdir) if is_main else None
 
     start = int(jax.device_get(state.step))
+    if writer:
+        writer.truncate_after(start)
     total = config.train.num_steps
     tc = config.train
     pbar = tqdm(total=total, initial=start, disable=not (tc.progress_bar and is_main), desc="train", dynamic_ncols=True)
     t_last, steps_since = time.perf_counter(), 0
-    last_saved = latest
-    with GracefulStop() as stopper, jax.set_mesh(mesh):
-        for step in range(start, total):
-            batch = sharding.shard_batch(next(train_iter), mesh, rules)
-            with jax.transfer_guard("disallow"):
-                state, metrics = step_fn(state, batch)
-            done = step + 1
-            steps_since += 1
-            pbar.update(1)
-            for hook in hooks:
-                hook(done, state)
+    try:
+        with GracefulStop() as stopper, jax.set_mesh(mesh):
+            for step in range(start, total):
+                batch = sharding.shard_batch(next(train_iter), mesh, rules)
+                with jax.transfer_guard("disallow"):
+                    state, metrics = step_fn(state, batch)
+                done = step + 1
+                steps_since += 1
+                pbar.update(1)
+                for hook in hooks:
+                    hook(done, state)
 
-            if tc.log_every and (done % tc.log_every == 0 or done == total):
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                ex_per_s = steps_since * config.data.batch_size / max(now - t_last, 1e-9)
-                t_last, steps_since = now, 0
-                row = {f"train/{k}": v for k, v in metrics.items()}
-                row["train/examples_per_sec"] = ex_per_s
-                pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{ex_per_s:.0f}")
-                if writer:
-                    writer.write(done, row)
+                if tc.log_every and (done % tc.log_every == 0 or done == total):
+                    metrics = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    ex_per_s = steps_since * config.data.batch_size / max(now - t_last, 1e-9)
+                    t_last, steps_since = now, 0
+                    row = {f"train/{k}": v for k, v in metrics.items()}
+                    row["train/examples_per_sec"] = ex_per_s
+                    pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{ex_per_s:.0f}")
+                    if writer:
+                        writer.write(done, row)
 
-            if evaluator and tc.eval_every and (done % tc.eval_every == 0 or done == total):
-                eval_metrics = evaluator(model, state.variables())
-                row = {f"eval/{k}": v for k, v in eval_metrics.items()}
-                if writer:
-                    writer.write(done, row)
-                pbar.write(f"step {done}: " + ", ".join(f"{k}={float(v):.4f}" for k, v in row.items()))
-                t_last = time.perf_counter()
+                if evaluator and tc.eval_every and (done % tc.eval_every == 0 or done == total):
+                    eval_metrics = evaluator(model, state.variables())
+                    row = {f"eval/{k}": v for k, v in eval_metrics.items()}
+                    if writer:
+                        writer.write(done, row)
+                    pbar.write(f"step {done}: " + ", ".join(f"{k}={float(v):.4f}" for k, v in row.items()))
+                    t_last = time.perf_counter()
 
-            should_save = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total
-            if should_save or stopper.requested:
-                ckpt.save(done, state, train_iter, config, force=True)
-                last_saved = done
-            if stopper.requested:
-                pbar.write(f"Stopped at step {done}; checkpoint saved in {ckpt.directory}. Run again to resume.")
-                break
-    pbar.close()
-    ckpt.close()
-    if writer:
-        writer.close()
-    del last_saved
+                should_save = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total
+                if should_save or stopper.requested:
+                    ckpt.save(done, state, train_iter, config, force=True)
+                if stopper.requested:
+                    pbar.write(f"Stopped at step {done}; checkpoint saved in {ckpt.directory}. Run again to resume.")
+                    break
+    finally:
+        # Commit any in-flight async save (the last good checkpoint) even when the run fails.
+        pbar.close()
+        ckpt.close()
+        if writer:
+            writer.close()
     return state

@@ -13,12 +13,15 @@ class MetricWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if tensorboard:
-            try:
-                from flax.metrics.tensorboard import SummaryWriter  # noqa: PLC0415 (imports TensorFlow)
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (TensorBoard event files, no TF needed)
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # TensorBoard is optional; JSON lines always work
-                self._tb = None
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int):
+        """Drops rows logged after `step` (a resumed run re-logs the steps it repeats)."""
+        rows = [r for r in read_metrics(os.path.dirname(self.path)) if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def write(self, step: int, metrics: dict):
         row = {"step": int(step)}
@@ -28,7 +31,7 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step":
-                    self._tb.scalar(k, v, step)
+                    self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
     def close(self):

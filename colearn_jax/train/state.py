@@ -29,8 +29,8 @@ class TrainState:
         return {"params": self.params, **self.model_state}
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict) -> Callable:
-    def init(rng):
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+    def init(rng, example_batch):
         init_rng, state_rng = jax.random.split(rng)
         variables = model.init({"params": init_rng, "dropout": init_rng}, example_batch, train=False)
         params = variables["params"]
@@ -48,9 +48,10 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch: 
 
 def state_shardings(model, tx, example_batch, mesh: Mesh, rules) -> tuple[Any, Any]:
     """(abstract unboxed state, NamedSharding tree) without allocating anything."""
-    init = _init_fn(model, tx, example_batch)
+    init = _init_fn(model, tx)
+    example_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_batch)
     with nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(init, jax.random.PRNGKey(0), example_batch)
     specs = nn.get_partition_spec(boxed)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     abstract = nn.unbox(boxed)
@@ -59,15 +60,15 @@ def state_shardings(model, tx, example_batch, mesh: Mesh, rules) -> tuple[Any, A
 
 def create_sharded_state(model, tx, example_batch, mesh: Mesh, rules, rng) -> tuple[TrainState, Any]:
     """Initialises the train state directly into its sharded layout."""
-    init = _init_fn(model, tx, example_batch)
+    init = _init_fn(model, tx)
     _, shardings = state_shardings(model, tx, example_batch, mesh, rules)
 
-    def unboxed_init(rng):
+    def unboxed_init(rng, example_batch):
         with nn.logical_axis_rules(rules):
-            return nn.unbox(init(rng))
+            return nn.unbox(init(rng, example_batch))
 
     with jax.set_mesh(mesh):
-        state = jax.jit(unboxed_init, out_shardings=shardings)(rng)
+        state = jax.jit(unboxed_init, out_shardings=shardings)(rng, example_batch)
     return state, shardings
 
 

@@ -1,0 +1,140 @@
+"""The generic trainer on the 8-device mesh: metrics, graceful SIGTERM + exact resume, crash safety,
+checkpoint loading onto one CPU, clear config errors."""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+import colearn_jax
+from colearn_jax.train import loop
+from colearn_jax.train.checkpoint import list_steps
+from colearn_jax.train.metrics import read_metrics
+from tests.helpers import load_config
+
+
+def _config(**train):
+    c = load_config("clip.py:tiny")
+    c.unlock()
+    c.train.update(num_steps=8, log_every=2, eval_every=0, checkpoint_every=4, **train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    state = loop.train(_config(), workdir)
+    return workdir, jax.device_get(state.params)
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_metrics_jsonl_and_checkpoints(uninterrupted):
+    workdir, _ = uninterrupted
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/examples_per_sec"} <= set(rows[0])
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    assert list_steps(os.path.join(workdir, "checkpoints")) == [4, 8]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_sigterm_then_resume_gives_identical_params(uninterrupted, tmp_path):
+    _, full_params = uninterrupted
+    workdir = str(tmp_path)
+
+    def send_sigterm(step, state):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = loop.train(_config(), workdir, hooks=[send_sigterm])
+    assert int(stopped.step) == 3  # finished the step in flight, then stopped
+    assert list_steps(os.path.join(workdir, "checkpoints"))[-1] == 3
+    resumed = loop.train(_config(), workdir)  # the same command again
+    assert int(resumed.step) == 8
+    _assert_trees_equal(jax.device_get(resumed.params), full_params)
+    assert [r["step"] for r in read_metrics(workdir)] == [2, 4, 6, 8]
+
+
+def test_crash_keeps_last_good_checkpoint_and_resumes(uninterrupted, tmp_path):
+    _, full_params = uninterrupted
+    workdir = str(tmp_path)
+
+    def crash(step, state):
+        if step == 6:
+            raise RuntimeError("simulated failure")
+
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        loop.train(_config(), workdir, hooks=[crash])
+    assert list_steps(os.path.join(workdir, "checkpoints")) == [4]
+    resumed = loop.train(_config(), workdir)
+    _assert_trees_equal(jax.device_get(resumed.params), full_params)
+    assert [r["step"] for r in read_metrics(workdir)] == [2, 4, 6, 8]  # repeated steps logged once
+
+
+def test_load_onto_one_cpu_device(uninterrupted):
+    workdir, full_params = uninterrupted
+    model, variables, config = colearn_jax.load(workdir)
+    assert config.model.name == "clip"
+    cpu = jax.devices("cpu")[0]
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.sharding.device_set == {cpu}
+    _assert_trees_equal(jax.device_get(variables["params"]), full_params)
+    images = np.zeros((3, config.data.image_size, config.data.image_size, 3), np.float32)
+    emb = model.apply(variables, images, method=model.encode_image)
+    assert emb.shape == (3, config.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="step 5 not in"):
+        colearn_jax.load(workdir, step=5)
+
+
+def test_missing_and_corrupt_checkpoints_are_named(uninterrupted, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
+        colearn_jax.load(str(tmp_path / "nothing_here"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+        colearn_jax.load(str(empty))
+    # Corrupt the array data of a copy of the newest checkpoint: loading names the step.
+    import shutil
+    workdir, _ = uninterrupted
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    blobs = 0
+    for root, _, files in os.walk(copy / "checkpoints" / "8" / "state"):
+        if os.path.basename(root) == "d":
+            for f in files:
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.write(b"garbage!" * 8)
+                blobs += 1
+    assert blobs
+    # In a subprocess: Orbax leaves a background thread behind after a failed restore, whose
+    # complaint at interpreter exit would otherwise fail the pytest session.
+    import subprocess
+    import sys
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import colearn_jax; colearn_jax.load({str(copy)!r})"],
+        capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Could not restore checkpoint step 8" in proc.stderr, proc.stderr[-2000:]
+    assert list_steps(os.path.join(workdir, "checkpoints")) == [4, 8]  # the original is untouched
+
+
+def test_config_errors_fail_before_compiling(tmp_path):
+    c = _config()
+    c.data.batch_size = 12
+    with pytest.raises(ValueError, match="config.data.batch_size=12 is not divisible"):
+        loop.train(c, str(tmp_path))
+    c = _config()
+    c.model.vision.image_size = 24
+    with pytest.raises(ValueError, match="config.model.vision.image_size=24 differs"):
+        loop.train(c, str(tmp_path))
+    c = _config()
+    c.mesh.model = 16
+    with pytest.raises(ValueError, match="config.mesh"):
+        loop.train(c, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "4")
