@@ -62,7 +62,7 @@ def _base() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "test"
     c.data.image_key = "image"
-    c.data.text_key = "caption"
+    c.data.text_key = "captions"  # several per image: training samples one, eval takes the first
     c.data.label_key = "label"
     c.data.image_size = 32
     c.data.context_length = 32

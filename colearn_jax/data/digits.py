@@ -43,8 +43,13 @@ ZEROSHOT_TEMPLATES = (
 )
 
 
+CAPTIONS_PER_IMAGE = 4
+
+
 def _caption_choices(n: int) -> np.ndarray:
-    return np.random.RandomState(CAPTION_SEED).randint(len(CAPTION_TEMPLATES), size=n)
+    """[n, CAPTIONS_PER_IMAGE] distinct template indices per example (deterministic)."""
+    rng = np.random.RandomState(CAPTION_SEED)
+    return np.stack([rng.permutation(len(CAPTION_TEMPLATES))[:CAPTIONS_PER_IMAGE] for _ in range(n)])
 
 
 def upscale(digit_8x8: np.ndarray) -> np.ndarray:
@@ -79,8 +84,11 @@ def split_indices(labels: np.ndarray, num_test: int = NUM_TEST, seed: int = SPLI
 class DigitsCaptions(tfds.core.GeneratorBasedBuilder):
     """scikit-learn handwritten digits with captions (1497 train / 300 test)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "`captions`: several captions per image (training samples one per step, as for COCO).",
+    }
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -94,6 +102,7 @@ class DigitsCaptions(tfds.core.GeneratorBasedBuilder):
                 "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
                 "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
                 "caption": tfds.features.Text(),
+                "captions": tfds.features.Sequence(tfds.features.Text()),
                 "id": np.int64,
             }),
             supervised_keys=("image", "label"),
@@ -118,11 +127,13 @@ class DigitsCaptions(tfds.core.GeneratorBasedBuilder):
         choices = _caption_choices(len(labels))
         for i in indices:
             label = int(labels[i])
+            captions = [CAPTION_TEMPLATES[c].format(word=CLASS_NAMES[label], num=label) for c in choices[i]]
             yield int(i), {
                 # PIL images are PNG-encoded by PIL; numpy arrays would need TensorFlow.
                 "image": Image.fromarray(upscale(images[i])),
                 "label": label,
-                "caption": CAPTION_TEMPLATES[choices[i]].format(word=CLASS_NAMES[label], num=label),
+                "caption": captions[0],
+                "captions": captions,
                 "id": int(i),
             }
 

@@ -12,8 +12,11 @@ import re
 import jax
 import optax
 
-# Parameters never decayed: 1-D tensors (biases, norm scales) and these names anywhere in the path.
-NO_DECAY_PATTERNS = (r"positional_embedding", r"class_embedding", r"logit_scale", r"logit_bias", r"(^|/)ln", r"bn")
+# Parameters never decayed: 1-D tensors and any whose path matches one of these patterns.
+NO_DECAY_PATTERNS = (
+    r"positional_embedding", r"class_embedding", r"logit_scale", r"logit_bias", r"(^|/)ln", r"bn",
+    r"(^|/)bias[^/]*$",  # biases, also the per-head [heads, kv] attention biases (ndim 2)
+)
 
 
 def _path_str(path) -> str:

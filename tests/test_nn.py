@@ -1,0 +1,98 @@
+"""Shared blocks: attention masks against a direct computation, scan == unrolled, remat == plain,
+text pooling at the end-of-text token, logical axis names on every parameter."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colearn_jax.nn.attention import MultiHeadAttention, make_attention_mask
+from colearn_jax.nn.text import TextTransformer
+from colearn_jax.nn.transformer import BlockConfig, TransformerStack
+from colearn_jax.nn.vit import VisionTransformer
+
+
+def _direct_attention(params, xq, xkv, mask):
+    q = np.einsum("bld,dhk->blhk", xq, params["query"]["kernel"]) + params["query"]["bias"]
+    k = np.einsum("bld,dhk->blhk", xkv, params["key"]["kernel"]) + params["key"]["bias"]
+    v = np.einsum("bld,dhk->blhk", xkv, params["value"]["kernel"]) + params["value"]["bias"]
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(mask, logits, -1e30)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out = np.einsum("bhqs,bshk->bqhk", w, v)
+    return np.einsum("bqhk,hkd->bqd", out, params["out"]["kernel"]) + params["out"]["bias"]
+
+
+@pytest.mark.parametrize("kind", ["self", "causal", "cross_padded"])
+def test_attention_matches_direct_computation(kind):
+    rng = np.random.RandomState(0)
+    xq = rng.randn(2, 5, 16).astype(np.float32)
+    xkv = rng.randn(2, 7, 16).astype(np.float32) if kind == "cross_padded" else xq
+    attn = MultiHeadAttention(num_heads=4)
+    mask = None
+    full = np.ones((2, 1, xq.shape[1], xkv.shape[1]), bool)
+    if kind == "cross_padded":
+        valid = np.array([[1] * 7, [1] * 4 + [0] * 3], bool)
+        mask = make_attention_mask(None, jnp.asarray(valid))
+        full = np.broadcast_to(np.asarray(mask), full.shape)
+    if kind == "causal":
+        full = np.broadcast_to(np.tril(np.ones((5, 5), bool)), full.shape)
+    params = attn.init(jax.random.PRNGKey(0), xq, xkv, mask=mask, causal=kind == "causal")
+    params = jax.tree.map(lambda p: p + 0.1 * rng.randn(*p.shape).astype(np.float32), nn.unbox(params))
+    out = attn.apply(params, xq, xkv, mask=mask, causal=kind == "causal")
+    ref = _direct_attention(jax.tree.map(np.asarray, params["params"]), xq, xkv, full)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    if kind == "causal":  # the first query ignores later tokens
+        xq2 = xq.copy()
+        xq2[:, 1:] += 1.0
+        out2 = attn.apply(params, xq2, xq2, causal=True)
+        np.testing.assert_allclose(out2[:, 0], out[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def _stack_layers(unrolled, n):
+    layers = [unrolled[f"layer_{i}"]["block"] for i in range(n)]
+    return {"layers": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scan_equals_unrolled_and_remat_changes_nothing(remat):
+    cfg = BlockConfig.clip_init(num_heads=2, width=16, num_layers=3, causal=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
+    unrolled = TransformerStack(3, cfg)
+    params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), x))["params"]
+    ref = unrolled.apply({"params": params}, x)
+    scanned = TransformerStack(3, cfg, scan=True, remat_policy=remat)
+    stacked = _stack_layers(params, 3)
+    chex.assert_trees_all_equal_shapes(stacked, nn.unbox(scanned.init(jax.random.PRNGKey(0), x))["params"])
+    out = scanned.apply({"params": stacked}, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    g_ref = jax.grad(lambda p: unrolled.apply({"params": p}, x).sum())(params)
+    g = jax.grad(lambda p: scanned.apply({"params": p}, x).sum())(stacked)
+    chex.assert_trees_all_close(g, _stack_layers(g_ref, 3), rtol=1e-4, atol=1e-5)
+
+
+def test_text_pools_at_end_of_text_and_ignores_padding():
+    t = TextTransformer(vocab_size=300, context_length=8, width=16, num_layers=2, num_heads=2, output_dim=8)
+    ids = np.array([[257, 10, 11, 258, 0, 0, 0, 0]], np.int32)
+    variables = t.init(jax.random.PRNGKey(0), ids)
+    out = t.apply(variables, ids)
+    changed = ids.copy()
+    changed[0, 5] = 42  # after the end-of-text token: invisible to it under the causal mask
+    np.testing.assert_allclose(t.apply(variables, changed)["embedding"], out["embedding"], rtol=1e-6)
+    changed[0, 1] = 12  # before it: changes the pooled feature
+    assert not np.allclose(t.apply(variables, changed)["embedding"], out["embedding"])
+
+
+def test_every_parameter_has_logical_axes_and_vit_shapes():
+    vit = VisionTransformer(image_size=16, patch_size=4, width=32, num_layers=2, num_heads=2, output_dim=8)
+    boxed = jax.eval_shape(vit.init, jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))
+    for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        assert isinstance(leaf, nn.Partitioned), leaf
+        assert len(leaf.names) == leaf.value.ndim
+    out = vit.apply(nn.unbox(vit.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))), jnp.ones((2, 16, 16, 3)))
+    chex.assert_shape(out["embedding"], (2, 8))
+    chex.assert_shape(out["tokens"], (2, 17, 32))
+    with pytest.raises(ValueError, match="expects images of shape"):
+        vit.apply(nn.unbox(vit.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))), jnp.ones((2, 20, 20, 3)))
