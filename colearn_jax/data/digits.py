@@ -36,18 +36,21 @@ CAPTION_TEMPLATES = (
 
 # Zero-shot prompts; `{}` is filled with a class name from CLASS_NAMES.
 ZEROSHOT_TEMPLATES = (
-    "a photo of the digit {}.",
-    "a handwritten {}.",
-    "an image of the numeral {}.",
-    "the number {}.",
+    "a photo of the digit {}",
+    "a handwritten {}",
+    "an image of the numeral {}",
+    "the number {}",
 )
 
 
-CAPTIONS_PER_IMAGE = 4
+# Every image gets every template (in its own deterministic order, the first being `caption`), so a
+# caption's wording carries no information about which image it belongs to: training can align only
+# the digit, not memorise which phrasing goes with which picture.
+CAPTIONS_PER_IMAGE = len(CAPTION_TEMPLATES)
 
 
 def _caption_choices(n: int) -> np.ndarray:
-    """[n, CAPTIONS_PER_IMAGE] distinct template indices per example (deterministic)."""
+    """[n, CAPTIONS_PER_IMAGE] template indices per example, a deterministic permutation each."""
     rng = np.random.RandomState(CAPTION_SEED)
     return np.stack([rng.permutation(len(CAPTION_TEMPLATES))[:CAPTIONS_PER_IMAGE] for _ in range(n)])
 
@@ -84,10 +87,11 @@ def split_indices(labels: np.ndarray, num_test: int = NUM_TEST, seed: int = SPLI
 class DigitsCaptions(tfds.core.GeneratorBasedBuilder):
     """scikit-learn handwritten digits with captions (1497 train / 300 test)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "`captions`: several captions per image (training samples one per step, as for COCO).",
+        "1.2.0": "`captions` holds every template for every image.",
     }
 
     @tfds.core.utils.classproperty
