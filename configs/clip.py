@@ -93,7 +93,7 @@ def _base() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 600
     c.train.log_every = 20
-    c.train.eval_every = 200
+    c.train.eval_every = 100
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.async_checkpoints = True

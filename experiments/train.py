@@ -64,6 +64,12 @@ def main(argv):
         raise app.UsageError("--workdir is required (unless --compile_only).")
     loop.train(config, _WORKDIR.value)
     summarize(_WORKDIR.value)
+    if jax.process_index() == 0:
+        from colearn_jax.train.plots import plot_metrics  # noqa: PLC0415
+
+        path = plot_metrics(_WORKDIR.value)
+        if path:
+            print(f"Training curves: {path}")
 
 
 def summarize(workdir: str):

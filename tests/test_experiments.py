@@ -69,3 +69,12 @@ def test_unknown_config_key_is_named():
     )
     assert proc.returncode != 0
     assert "widht" in proc.stderr
+
+
+def test_training_curves_plot(digits_run):
+    from colearn_jax.train.plots import plot_metrics
+
+    path = plot_metrics(digits_run)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 10_000
