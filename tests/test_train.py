@@ -138,3 +138,12 @@ def test_config_errors_fail_before_compiling(tmp_path):
     with pytest.raises(ValueError, match="config.mesh"):
         loop.train(c, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints" / "4")
+
+
+def test_ctrl_c_requests_a_graceful_stop_and_a_second_one_interrupts():
+    with loop.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
