@@ -21,8 +21,8 @@ PRESET_MESHES = {
 RTOL, ATOL = 2e-5, 2e-6
 
 
-def _config(preset, mesh_cfg, gather="auto"):
-    c = load_config("clip.py:tiny")
+def _config(preset, mesh_cfg, gather="auto", variant="tiny"):
+    c = load_config(f"clip.py:{variant}")
     c.unlock()
     c.sharding = preset
     c.mesh.update(mesh_cfg)
@@ -68,6 +68,19 @@ def test_sharded_step_equals_single_device(preset, reference):
         jax.device_get(state.params), ref_params,
     )
     _check_param_shardings(preset, state)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny,siglip"])
+def test_ring_loss_inside_a_sharded_train_step(variant):
+    """CLIP and SigLIP train steps with gather='ring' under fsdp_tp equal the single-device step."""
+    _, ref_state, ref_metrics = _one_step(_config("dp", dict(data=1, fsdp=1, model=1), variant=variant),
+                                          devices=jax.devices()[:1])
+    _, state, metrics = _one_step(_config("fsdp_tp", PRESET_MESHES["fsdp_tp"], gather="ring", variant=variant))
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL),
+        jax.device_get(state.params), jax.device_get(ref_state.params),
+    )
 
 
 def _spec(x):
