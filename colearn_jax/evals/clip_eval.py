@@ -1,7 +1,8 @@
 """CLIP evaluation on the eval split: zero-shot top-1/top-5 and image<->text Recall@1/5/10.
 
-Embeddings are computed by jitted encoders with the batch sharded over the mesh's data axes, then
-gathered on the host (the eval sets here are small; large ones would stream top-k instead).
+Each process reads its rows of every eval batch; the batch is placed as a global array sharded over
+the mesh's data axes, the jitted encoders return replicated embeddings, and every process computes
+the same metrics on the host (the eval sets here are small; large ones would stream top-k instead).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from colearn_jax.evals.retrieval import retrieval_recall
 from colearn_jax.evals.zeroshot import topk_accuracy, zeroshot_classifier
 
 
-def _padded_apply(fn, x: np.ndarray, multiple: int) -> np.ndarray:
+def _padded_apply(fn, x: np.ndarray, multiple: int, placement) -> np.ndarray:
+    """fn over a host array that is identical on every process, padded to a multiple of the devices."""
     n = x.shape[0]
     pad = (-n) % multiple
     if pad:
         x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    return np.asarray(fn(x))[:n]
+    return np.asarray(fn(jax.device_put(x, placement)))[:n]
 
 
 def make_clip_evaluator(config, mesh, rules):
@@ -40,29 +42,35 @@ def make_clip_evaluator(config, mesh, rules):
                 with nn.logical_axis_rules(rules):
                     return model.apply(variables, ids, method=model.encode_text)
 
+            rep = sharding.replicated(mesh)
             cache[id(model)] = (
-                jax.jit(enc_img, in_shardings=(None, bsh), out_shardings=sharding.replicated(mesh)),
-                jax.jit(enc_txt, in_shardings=(None, bsh), out_shardings=sharding.replicated(mesh)),
+                jax.jit(enc_img, in_shardings=(None, bsh), out_shardings=rep),
+                jax.jit(enc_txt, in_shardings=(None, bsh), out_shardings=rep),
+                jax.jit(lambda x: x, out_shardings=rep),  # all-gathers mask/labels to every process
             )
         return cache[id(model)]
 
     def evaluate(model, variables) -> dict[str, float]:
-        enc_img, enc_txt = encoders(model)
+        enc_img, enc_txt, gather = encoders(model)
         images, texts, labels = [], [], []
+        batches = iterate_eval(
+            config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+        )
         with jax.set_mesh(mesh):
-            for batch in iterate_eval(config.data, tokenizer):
-                keep = np.asarray(batch["mask"], bool)
+            for batch in batches:
+                batch = sharding.shard_batch(batch, mesh, rules)
+                keep = np.asarray(gather(batch["mask"]), bool)
                 images.append(np.asarray(enc_img(variables, batch["image"]))[keep])
                 texts.append(np.asarray(enc_txt(variables, batch["text"]))[keep])
                 if "label" in batch:
-                    labels.append(np.asarray(batch["label"])[keep])
+                    labels.append(np.asarray(gather(batch["label"]))[keep])
             image_embeds, text_embeds = np.concatenate(images), np.concatenate(texts)
             metrics = {}
             if config.eval.retrieval:
                 metrics.update(retrieval_recall(image_embeds, text_embeds))
             if config.eval.zeroshot and labels:
                 classifier = zeroshot_classifier(
-                    lambda ids: _padded_apply(lambda x: enc_txt(variables, x), ids, dp),
+                    lambda ids: _padded_apply(lambda x: enc_txt(variables, x), ids, dp, bsh),
                     tokenizer, list(config.eval.class_names), list(config.eval.templates), config.data.context_length,
                 )
                 acc = topk_accuracy(image_embeds @ classifier.T, np.concatenate(labels))
