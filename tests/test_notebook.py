@@ -8,15 +8,14 @@ by `IN_COLAB` and is skipped here as well.
 import os
 
 import flax.linen as nn
+import ipykernel  # noqa: F401  (the test extra installs the notebook runner and its kernel)
 import jax
+import nbclient
+import nbformat
 import numpy as np
 import pytest
 
 from tests.helpers import load_config
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab.ipynb")
