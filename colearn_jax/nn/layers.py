@@ -36,8 +36,17 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), written with erf as PyTorch's `nn.GELU` computes it.
+
+    `jax.nn.gelu(approximate=False)` uses erfc, whose piecewise XLA lowering is ~4x slower on CPU
+    (64x77x1024 floats: 8.6 ms vs 2.0 ms); the two agree to float32 rounding.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,

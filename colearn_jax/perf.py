@@ -1,0 +1,274 @@
+"""Performance helpers shared by the benchmarks: peak FLOP/s table, MFU, XLA cost/memory readers, timing.
+
+Nothing here imports JAX at module level, so `experiments/benchmark.py` can set `XLA_FLAGS`
+(simulated CPU devices) after importing this module and before JAX starts.
+
+FLOP accounting (verified on an 8-device simulated CPU mesh, jax 0.10.2; tests/test_perf.py):
+- `Compiled.cost_analysis()["flops"]` describes the SPMD-partitioned module that *one* device runs,
+  i.e. it is **per device** (a [1024, 512] @ [512, 256] matmul sharded 8 ways over the rows reports
+  2·1024·512·256 / 8). Replicated work (e.g. every `model`-axis replica repeating the same math) is
+  counted once per device, so per-device × devices over-counts the model's FLOPs.
+- `Lowered.cost_analysis()["flops"]` describes the un-partitioned global program: the **global**
+  FLOPs of one step, the "model FLOPs" MFU wants. Rematerialised computation is part of that program
+  (remat is applied when tracing), so with a remat policy it counts the recompute as well
+  (closer to hardware FLOPs); `clip_train_flops` gives the analytic model FLOPs as a cross-check.
+- MFU = global model FLOPs per step / (step time · devices · peak FLOP/s per device).
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+# ----------------------------------------------------------------------------- peak FLOP/s table
+# Dense (no 2:4 sparsity) peak FLOP/s per chip, from the vendors' data sheets. "float32" on NVIDIA
+# is the TF32 tensor-core rate (what XLA uses for f32 matmuls at the default precision);
+# "float32_strict" is the CUDA-core FP32 rate (precision=HIGHEST). TPUs run f32 matmuls at the
+# default precision as a single bf16 pass, so their "float32" entry is the bf16 rate (HIGHEST
+# precision takes ~6 passes). Order matters: the first pattern that matches the device kind wins.
+PEAK_FLOPS: list[tuple[str, str, dict[str, float]]] = [
+    # (regex on jax.Device.device_kind, chip name, {dtype: FLOP/s})
+    (r"H100.*PCIe", "H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12, "float32_strict": 51e12}),
+    (r"H100.*NVL", "H100 NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 417.5e12, "float32_strict": 60e12}),
+    (r"H100", "H100 SXM", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12, "float32_strict": 67e12}),
+    (r"H200", "H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12, "float32_strict": 67e12}),
+    (r"A100", "A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12, "float32_strict": 19.5e12}),
+    (r"TPU v4", "TPU v4", {"bfloat16": 275e12, "float32": 275e12}),
+    (r"TPU v5 ?lite|TPU v5e", "TPU v5e", {"bfloat16": 197e12, "float32": 197e12}),
+    (r"TPU v5p|TPU v5$", "TPU v5p", {"bfloat16": 459e12, "float32": 459e12}),
+    (r"TPU v6 ?lite|TPU v6e|TPU v6$", "TPU v6e", {"bfloat16": 918e12, "float32": 918e12}),
+]
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "f32": "float32",
+                  "tf32": "float32", "float": "float32"}
+
+
+def lookup_chip(device_kind: str) -> str | None:
+    """The chip name of the first table entry whose pattern matches `device_kind`, else None (e.g. CPU)."""
+    for pattern, name, _ in PEAK_FLOPS:
+        if re.search(pattern, device_kind, flags=re.IGNORECASE):
+            return name
+    return None
+
+
+def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """Peak dense FLOP/s of one device of `device_kind` at compute `dtype`; None if unknown (CPU)."""
+    dtype = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    for pattern, _, table in PEAK_FLOPS:
+        if re.search(pattern, device_kind, flags=re.IGNORECASE):
+            if dtype not in table:
+                raise ValueError(f"No peak FLOP/s for dtype {dtype!r} on {device_kind!r}; known: {sorted(table)}.")
+            return table[dtype]
+    return None
+
+
+# ----------------------------------------------------------------------------- throughput arithmetic
+def tflops_per_s(flops_per_step: float | None, step_time_s: float) -> float | None:
+    if flops_per_step is None or step_time_s <= 0:
+        return None
+    return flops_per_step / step_time_s / 1e12
+
+
+def mfu(flops_per_step: float | None, step_time_s: float, num_devices: int, peak_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: global FLOPs per step / (time · devices · per-device peak).
+
+    Returns None when the peak (or the FLOP count) is unknown — report it as "n/a".
+    """
+    if flops_per_step is None or peak_per_device is None or not peak_per_device or step_time_s <= 0:
+        return None
+    if num_devices <= 0:
+        raise ValueError(f"num_devices={num_devices} must be positive.")
+    return flops_per_step / (step_time_s * num_devices * peak_per_device)
+
+
+# ----------------------------------------------------------------------------- XLA analysis readers
+def _first(cost):
+    if isinstance(cost, (list, tuple)):
+        return cost[0] if cost else None
+    return cost
+
+
+def cost_flops(stage) -> float | None:
+    """`flops` from a Lowered/Compiled stage's `cost_analysis()` (a dict, or a one-element list in
+    older JAX); None when the backend provides no analysis or it fails."""
+    try:
+        cost = _first(stage.cost_analysis())
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+    if not cost or "flops" not in cost:
+        return None
+    flops = float(cost["flops"])
+    return flops if flops >= 0 else None
+
+
+def cost_bytes_accessed(stage) -> float | None:
+    try:
+        cost = _first(stage.cost_analysis())
+    except Exception:  # noqa: BLE001
+        return None
+    if not cost or "bytes accessed" not in cost:
+        return None
+    return float(cost["bytes accessed"])
+
+
+MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+
+
+def memory_analysis(compiled) -> dict[str, int | None]:
+    """Per-device byte sizes from `compiled.memory_analysis()` plus `peak_estimate`.
+
+    peak_estimate = argument + output − alias (donated buffers reused for outputs) + temp + generated code:
+    what one device needs for the program, before allocator fragmentation.
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        stats = None
+    out: dict[str, int | None] = {}
+    for field in MEMORY_FIELDS:
+        value = getattr(stats, f"{field}_size_in_bytes", None) if stats is not None else None
+        out[f"{field}_bytes"] = int(value) if value is not None else None
+    parts = [out[f"{f}_bytes"] for f in ("argument", "output", "temp", "generated_code")]
+    if all(p is not None for p in parts):
+        out["peak_estimate_bytes"] = sum(parts) - (out["alias_bytes"] or 0)
+    else:
+        out["peak_estimate_bytes"] = None
+    return out
+
+
+def device_memory_stats(devices: Sequence[Any]) -> dict[str, int | None]:
+    """Max over `devices` of the runtime allocator's stats (GPU/TPU); all None on CPU (no stats)."""
+    keys = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    result: dict[str, int | None] = {k: None for k in keys}
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001
+            stats = None
+        if not stats:
+            continue
+        for k in keys:
+            if k in stats:
+                result[k] = max(result[k] or 0, int(stats[k]))
+    return result
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs
+def transformer_forward_flops(tokens: int, width: int, layers: int, mlp_dim: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one sequence through a pre-LN transformer stack.
+
+    Per layer: q/k/v/out projections 4·w², MLP 2·w·mlp, attention scores and values 2·n·w
+    (the causal mask is applied to full n×n scores, so no halving).
+    """
+    n, w = tokens, width
+    return layers * (2.0 * n * (4 * w * w + 2 * w * mlp_dim) + 4.0 * n * n * w)
+
+
+def clip_forward_flops(config) -> float | None:
+    """Analytic forward FLOPs of one image-text pair for a ViT CLIP config; None for other towers.
+
+    ViT-B/16 at 224 px with the 12-layer 512-wide text tower gives 41.1 GFLOPs, matching open_clip's
+    model profile (41.09).
+    """
+    m = config.model
+    v, t = m.vision, m.text
+    if v.get("type", "vit") != "vit":
+        return None
+    grid = v.image_size // v.patch_size
+    n_img = grid * grid + 1
+    vis = 2.0 * grid * grid * (v.patch_size**2 * 3) * v.width  # patch embedding
+    vis += transformer_forward_flops(n_img, v.width, v.layers, int(v.width * v.get("mlp_ratio", 4.0)))
+    vis += 2.0 * v.width * m.embed_dim
+    txt = transformer_forward_flops(t.context_length, t.width, t.layers, int(t.width * t.get("mlp_ratio", 4.0)))
+    txt += 2.0 * t.width * m.embed_dim
+    return vis + txt
+
+
+def clip_train_flops(config, global_batch: int) -> float | None:
+    """Analytic model FLOPs of one training step: 3 × forward (backward ≈ 2 × forward) + the B×B logits."""
+    fwd = clip_forward_flops(config)
+    if fwd is None:
+        return None
+    logits = 2 * 2.0 * global_batch * global_batch * config.model.embed_dim  # both directions
+    return 3.0 * (fwd * global_batch + logits)
+
+
+# ----------------------------------------------------------------------------- timing
+def block(tree):
+    """jax.block_until_ready without importing JAX at module level."""
+    import jax  # noqa: PLC0415
+
+    return jax.block_until_ready(tree)
+
+
+def time_steps(step: Callable, carry, batches: Sequence[Any], *, warmup: int, steps: int) -> tuple[Any, list[float]]:
+    """Runs `carry, aux = step(carry, batch)` `warmup` + `steps` times (cycling through `batches`),
+    blocking on the results after every call. Returns the final carry and the steady-state step times."""
+    if steps <= 0:
+        raise ValueError(f"steps={steps} must be positive.")
+    times = []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        carry, aux = step(carry, batch)
+        block((carry, aux))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return carry, times
+
+
+def summarize_times(times: Iterable[float]) -> dict[str, float]:
+    times = sorted(times)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": times[0],
+        "max_s": times[-1],
+        "mean_s": statistics.fmean(times),
+        "n": len(times),
+    }
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds` (None until the block has run)."""
+
+    def __init__(self):
+        self.seconds: float | None = None
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt_bytes(n: float | int | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def fmt_num(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A Markdown table (also readable as plain text)."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])

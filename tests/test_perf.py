@@ -1,0 +1,236 @@
+"""Performance tooling: peak table and MFU arithmetic, XLA FLOP accounting, the train-step benchmark,
+the contrastive-loss memory table, and the scaling sweep's point enumeration. No timing thresholds."""
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from colearn_jax import perf
+from tests.helpers import ROOT, load_config
+
+
+def _load_experiment(name):
+    path = os.path.join(ROOT, "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():  # not `benchmark`: pytest-benchmark owns that fixture name
+    return _load_experiment("benchmark")
+
+
+@pytest.fixture(scope="module")
+def scaling():
+    return _load_experiment("scaling_study")
+
+
+# ----------------------------------------------------------------------------- peak table, MFU
+@pytest.mark.parametrize("kind,dtype,expected", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 80GB HBM3", "float32", 494.5e12),
+    ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 156e12),
+    ("TPU v4", "bfloat16", 275e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5p", "bfloat16", 459e12),
+    ("TPU v6 lite", "bfloat16", 918e12),
+])
+def test_peak_table(kind, dtype, expected):
+    assert perf.peak_flops(kind, dtype) == expected
+    assert perf.lookup_chip(kind) is not None
+
+
+def test_peak_table_unknown_and_bad_dtype():
+    assert perf.peak_flops("cpu", "float32") is None
+    assert perf.lookup_chip("cpu") is None
+    assert perf.lookup_chip("NVIDIA H100 PCIe") == "H100 PCIe"  # not the SXM entry
+    assert perf.lookup_chip("TPU v5 lite") == "TPU v5e"  # not v5p
+    with pytest.raises(ValueError, match="int8"):
+        perf.peak_flops("TPU v4", "int8")
+
+
+def test_mfu_arithmetic():
+    # 8 H100s, 3.96e15 FLOPs per step in 1 s: 3.96e15 / (8 * 989e12) = 50%.
+    assert perf.mfu(3.956e15, 1.0, 8, 989e12) == pytest.approx(0.5)
+    assert perf.mfu(1e12, 0.5, 1, 4e12) == pytest.approx(0.5)
+    assert perf.mfu(1e12, 1.0, 4, None) is None  # CPU: no peak
+    assert perf.mfu(None, 1.0, 4, 1e12) is None
+    assert perf.tflops_per_s(2e12, 0.5) == pytest.approx(4.0)
+    assert perf.fmt_pct(None) == "n/a" and perf.fmt_pct(0.4) == "40.0%"
+    with pytest.raises(ValueError):
+        perf.mfu(1e12, 1.0, 0, 1e12)
+
+
+def test_analytic_flops_match_open_clip_profile():
+    # open_clip's model profile: ViT-B/16 41.09 GFLOPs, ViT-B/32 14.78, ViT-L/14 175.3 (forward, per pair).
+    for preset, ref in (("vit_b16", 41.09e9), ("vit_b32", 14.78e9), ("vit_l14", 175.3e9)):
+        assert perf.clip_forward_flops(load_config(f"clip.py:{preset}")) == pytest.approx(ref, rel=0.01)
+    assert perf.clip_forward_flops(load_config("clip.py:rn50")) is None
+
+
+def test_cost_analysis_compiled_is_per_device_lowered_is_global():
+    mesh = jax.make_mesh((8,), ("data",))
+    x = jax.ShapeDtypeStruct((1024, 64), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    w = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P()))
+    lowered = jax.jit(lambda x, w: x @ w).lower(x, w)
+    total = 2 * 1024 * 64 * 32
+    assert perf.cost_flops(lowered) == pytest.approx(total)
+    assert perf.cost_flops(lowered.compile()) == pytest.approx(total / 8)
+    mem = perf.memory_analysis(lowered.compile())
+    assert mem["argument_bytes"] == (1024 // 8) * 64 * 4 + 64 * 32 * 4  # per device
+    assert mem["peak_estimate_bytes"] >= mem["argument_bytes"]
+
+
+def test_time_steps_counts_only_steady_state():
+    calls = []
+
+    def step(carry, batch):
+        calls.append(batch)
+        return carry + 1, jnp.zeros(())
+
+    carry, times = perf.time_steps(step, jnp.zeros(()), [1, 2], warmup=2, steps=3)
+    assert int(carry) == 5 and len(times) == 3 and calls == [1, 2, 1, 2, 1]
+    assert perf.summarize_times(times)["n"] == 3
+
+
+# ----------------------------------------------------------------------------- train-step benchmark
+def test_benchmark_train_step_tiny_on_8_devices(bench):
+    config = load_config("clip.py:tiny")
+    r = bench.benchmark_train_step(config, steps=2, warmup=1)
+    assert r["devices"] == 8 and r["global_batch"] == config.data.batch_size
+    for key in ("compile_s", "lower_s", "step_time_s", "examples_per_s", "examples_per_s_per_device",
+                "flops_per_step", "flops_per_step_per_device_xla", "model_tflops_per_s"):
+        assert r[key] > 0, key
+    assert r["examples_per_s"] == pytest.approx(r["global_batch"] / r["step_time_s"])
+    assert r["examples_per_s_per_device"] == pytest.approx(r["examples_per_s"] / 8)
+    assert r["mfu"] is None and r["peak_tflops_per_device"] is None  # CPU has no peak
+    assert r["memory"]["argument_bytes"] > 0 and r["memory"]["temp_bytes"] > 0
+    # XLA's global count covers the analytic model FLOPs (plus optimizer, norms, softmax, loss).
+    assert r["flops_per_step"] >= 0.9 * r["flops_per_step_analytic"]
+    # With a peak given, MFU follows from the other numbers.
+    peak = 1e12
+    assert perf.mfu(r["flops_per_step"], r["step_time_s"], 8, peak) == pytest.approx(
+        r["model_tflops_per_s"] * 1e12 / (8 * peak))
+
+
+def test_synthetic_batch_token_ids_pool_at_eot(bench):
+    config = load_config("clip.py:tiny")
+    import numpy as np
+
+    example = {"image": jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32),
+               "text": jax.ShapeDtypeStruct((4, 24), jnp.int32)}
+    b = bench.synthetic_batch(example, config, seed=1)
+    vocab = config.model.text.vocab_size
+    assert b["image"].shape == (4, 16, 16, 3) and b["text"].dtype == np.int32
+    assert (b["text"].max(axis=1) == vocab - 1).all() and (b["text"] < vocab).all()
+
+
+# ----------------------------------------------------------------------------- loss memory
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_loss_memory_ring_below_auto(bench, loss):
+    temp = {(g, b): bench.loss_memory(loss, g, b, dim=64)["temp_bytes"]
+            for g in ("auto", "ring") for b in (256, 512)}
+    for b in (256, 512):
+        assert 0 < temp[("ring", b)] < temp[("auto", b)]
+    assert temp[("auto", 512)] > temp[("auto", 256)]
+
+
+def test_loss_memory_rejects_indivisible_batch(bench):
+    with pytest.raises(ValueError, match="not divisible"):
+        bench.loss_memory("clip", "auto", 100, dim=8)
+
+
+# ----------------------------------------------------------------------------- scaling study
+def _sweep():
+    spec = importlib.util.spec_from_file_location("sweep_clip_cpu", os.path.join(ROOT, "experiments/sweeps/clip_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_scaling_points_from_sweep(scaling):
+    sweep = _sweep()
+    points = scaling.enumerate_points(sweep, 8)
+    n_model1 = sum(1 for m in sweep.meshes if m.get("model", 1) == 1)
+    n_model2 = len(sweep.meshes) - n_model1
+    assert len(points) == len(sweep.per_device_batch) * (2 * n_model1 + 4 * n_model2)  # tp only with model > 1
+    for p in points:
+        assert p["devices"] == math.prod(p["mesh"].values()) <= 8
+        assert p["global_batch"] == p["per_device_batch"] * p["mesh"]["data"] * p["mesh"]["fsdp"]
+        assert not ("tp" in p["sharding"] and p["mesh"]["model"] == 1)
+
+
+def test_scaling_rejects_mesh_that_does_not_fit(scaling):
+    sweep = _sweep()
+    with pytest.raises(ValueError, match=r"sweep.meshes\[3\].*needs 8 devices but only 4 are available"):
+        scaling.enumerate_points(sweep, 4)
+    with pytest.raises(ValueError, match="unknown axes"):
+        scaling.resolve_mesh({"data": 2, "pipeline": 2}, 8)
+    with pytest.raises(ValueError, match="does not divide"):
+        scaling.resolve_mesh({"data": -1, "model": 3}, 8)
+    assert scaling.resolve_mesh({"data": -1, "model": 2}, 8) == {"data": 4, "fsdp": 1, "model": 2}
+    with pytest.raises(ValueError, match="multi-host"):
+        scaling.resolve_mesh({"data": 2}, 8, require_all=True)
+
+
+def test_scaling_point_config_csv_and_plots(scaling, tmp_path):
+    base = load_config("clip.py:tiny")
+    point = dict(sharding="fsdp", mesh={"data": 2, "fsdp": 1, "model": 2}, devices=4, per_device_batch=4,
+                 global_batch=8)
+    c = scaling.point_config(base, {"model": {"dtype": "bfloat16"}}, point)
+    assert (c.sharding, c.mesh.data, c.mesh.model, c.data.batch_size, c.model.dtype) == ("fsdp", 2, 2, 8, "bfloat16")
+    rows = [dict(sharding="dp", mesh_data=d, mesh_fsdp=1, mesh_model=1, devices=d, per_device_batch=8,
+                 global_batch=8 * d, peak_estimate_bytes=2**20 * (10 + d), examples_per_s=100.0 * d) for d in (1, 2, 4)]
+    rows.append(dict(rows[0], sharding="fsdp", error="OOM"))
+    scaling.write_csv(rows, str(tmp_path / "scaling.csv"))
+    written = scaling.plot(rows, str(tmp_path), title="test")
+    assert (tmp_path / "scaling.csv").read_text().count("\n") == len(rows) + 1
+    assert sorted(os.path.basename(p) for p in written) == ["examples_per_s.png", "memory_per_device.png"]
+
+
+# ----------------------------------------------------------------------------- open_clip comparison
+@pytest.mark.parametrize("arch", ["small", "vit_b32"])
+def test_compare_open_clip_builds_the_same_architecture(arch):
+    """The side-by-side benchmark's two models have identical parameter counts (open_clip's from
+    its own factory with the same model config)."""
+    open_clip = pytest.importorskip("open_clip")  # the `parity` extra; installed by the test command
+    import numpy as np
+    import torch
+
+    compare = _load_experiment("compare_open_clip")
+    a = compare.ARCHS[arch]
+    config = compare.make_colearn_config(a, 2, 77, "float32")
+    from colearn_jax.models import get_system
+
+    system = get_system(config.model.name)
+    model = system.build_model(config)
+    example = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), system.example_batch(config, 2))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+    import json
+    import tempfile
+
+    cfg_dir = tempfile.mkdtemp()
+    with open(os.path.join(cfg_dir, f"test-compare-{arch}.json"), "w") as f:
+        json.dump(compare.open_clip_model_cfg(a, 77), f)
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    reference = open_clip.create_model(f"test-compare-{arch}", pretrained=None)
+    assert ours == sum(p.numel() for p in reference.parameters())
+
+
+def test_loss_memory_plot(bench, tmp_path):
+    rows = [dict(loss=l, gather=g, global_batch=b, temp_bytes=b * (b if g != "ring" else 64))
+            for l in ("clip", "siglip") for g in ("auto", "ring") for b in (1024, 8192)]
+    path = bench.plot_loss_memory(rows, str(tmp_path / "loss_memory.png"))
+    assert os.path.getsize(path) > 1000
