@@ -147,3 +147,11 @@ def test_ctrl_c_requests_a_graceful_stop_and_a_second_one_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_train_step_runs_under_a_transfer_guard(tmp_path, monkeypatch):
+    """The loop calls the step under jax.transfer_guard("disallow"): a batch left on the host (an
+    implicit host-to-device copy inside the step) is an error, not a silent round-trip."""
+    monkeypatch.setattr(loop.sharding, "shard_batch", lambda batch, mesh, rules: batch)
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
+        loop.train(_config(), str(tmp_path))
