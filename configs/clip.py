@@ -46,7 +46,10 @@ def _base() -> ml_collections.ConfigDict:
     c.model.activation = "gelu"  # OpenAI weights need "quick_gelu"
     c.model.dtype = "float32"  # compute dtype; params and optimizer state stay float32
     c.model.scan = False  # nn.scan over identical layers (fast compile for deep towers)
-    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch | everything
+    # none | full | dots | dots_no_batch | everything. Saves memory reliably with model.scan=True (the
+    # recompute sits inside the scanned backward); unrolled stacks depend on XLA's scheduler, and
+    # XLA:CPU hoists the recompute so its memory plan does not shrink (experiments/RESULTS.md §4).
+    c.model.remat_policy = "none"
     c.model.attention_impl = config_dict.placeholder(str)  # None (XLA) | "cudnn"
     c.model.init_logit_scale = math.log(1 / 0.07)
     c.model.init_logit_bias = config_dict.placeholder(float)  # set for SigLIP

@@ -8,6 +8,8 @@ times it on synthetic batches (random images / token ids of the config's shapes,
   python experiments/benchmark.py --config=configs/clip.py:vit_b16 --config.sharding=fsdp \
       --config.model.dtype=bfloat16 --config.model.remat_policy=dots --steps=20 --out=/tmp/b16.json
   python experiments/benchmark.py --config=configs/clip.py:tiny --num_cpu_devices=8   # simulated mesh
+  python experiments/benchmark.py --config=configs/clip.py:vit_b16 --num_cpu_devices=8 --compile_only \
+      --config.sharding=fsdp --config.model.remat_policy=full   # memory plan only, nothing runs
 
 Reports lower/compile time, the median step time over `--steps` steps after `--warmup` steps
 (each blocked with block_until_ready), examples/s (global and per device), model TFLOP/s and MFU,
@@ -73,6 +75,8 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_list("gathers", list(GATHER_MODES), "Gather modes for --loss_memory.")
     flags.DEFINE_list("loss_batches", [str(b) for b in DEFAULT_LOSS_BATCHES], "Global batches for --loss_memory.")
     flags.DEFINE_integer("loss_dim", 512, "Embedding width for --loss_memory.")
+    flags.DEFINE_bool("compile_only", False, "Train-step mode: lower and compile only; report FLOPs and the per-device "
+                      "memory plan (no step runs, nothing is allocated).")
     flags.DEFINE_bool("compile_time", False, "Compile time of the train step with model.scan True vs False.")
     flags.DEFINE_integer("repeats", 1, "--compile_time: fresh-process compiles per variant, alternating; the "
                          "table shows the medians (the host may be shared).")
@@ -312,6 +316,22 @@ def format_train_result(r: dict) -> str:
     return perf.format_table(rows, ("metric", "value"))
 
 
+def format_compile_result(r: dict) -> str:
+    m = r["memory"]
+    rows = [
+        ("devices / mesh", f"{r['devices']} {r['mesh']}"),
+        ("sharding / dtype / scan / remat", f"{r['sharding']} / {r['dtype']} / {r['scan']} / {r['remat_policy']}"),
+        ("global batch", r["global_batch"]),
+        ("lower / compile (s)", f"{r['lower_s']:.2f} / {r['compile_s']:.2f}"),
+        ("GFLOPs/step XLA global / analytic", f"{perf.fmt_num(_g(r['flops_per_step']), 1)} / "
+                                              f"{perf.fmt_num(_g(r['flops_per_step_analytic']), 1)}"),
+        ("memory/device: args / out / alias / temp",
+         " / ".join(perf.fmt_bytes(m[f"{k}_bytes"]) for k in ("argument", "output", "alias", "temp"))),
+        ("memory/device: peak estimate", perf.fmt_bytes(m["peak_estimate_bytes"])),
+    ]
+    return perf.format_table(rows, ("metric", "value"))
+
+
 def _g(x):
     return None if x is None else x / 1e9
 
@@ -524,6 +544,17 @@ def main(argv):
         print(perf.format_table(body, ("model.scan", "devices", "lower s", "compile s", "total s", "all totals s",
                                        "temp/device")))
         _write(FLAGS.out, {"mode": "compile_time", "env": env, "rows": rows})
+        return
+
+    if FLAGS.compile_only:
+        parts = lower_train_step(config, batch_size=FLAGS.batch_size or None)
+        devs = list(parts["mesh"].devices.flat)
+        result = analyze_step(parts, resolve_peak(devs[0].device_kind, parts["config"].model.dtype,
+                                                  FLAGS.peak_tflops or None))
+        if main_process:
+            print(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), jax {env['jax']} — compile only")
+            print(format_compile_result(result))
+            _write(FLAGS.out, {"mode": "compile_only", "env": env, "result": result})
         return
 
     result = benchmark_train_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup, batch_size=FLAGS.batch_size or None,
