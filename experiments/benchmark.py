@@ -290,45 +290,42 @@ def benchmark_train_step(config, *, devices=None, steps: int = 10, warmup: int =
     return result
 
 
-def format_train_result(r: dict) -> str:
-    m = r["memory"]
+def format_result(r: dict) -> str:
+    """The result of `benchmark_train_step` (or, without the timing rows, of `analyze_step`) as a table."""
+    m, timed = r["memory"], "step_time_s" in r
     rows = [
         ("devices / mesh", f"{r['devices']} {r['mesh']}"),
         ("sharding / dtype / scan / remat", f"{r['sharding']} / {r['dtype']} / {r['scan']} / {r['remat_policy']}"),
         ("global batch", r["global_batch"]),
         ("lower / compile (s)", f"{r['lower_s']:.2f} / {r['compile_s']:.2f}"),
-        ("step time median (min..max) ms",
-         f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}..{1e3 * r['step_time_max_s']:.1f})"),
-        ("examples/s (global / per device)", f"{r['examples_per_s']:.1f} / {r['examples_per_s_per_device']:.1f}"),
+    ]
+    if timed:
+        rows += [
+            ("step time median (min..max) ms",
+             f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}..{1e3 * r['step_time_max_s']:.1f})"),
+            ("examples/s (global / per device)",
+             f"{r['examples_per_s']:.1f} / {r['examples_per_s_per_device']:.1f}"),
+        ]
+    rows += [
         ("GFLOPs/step XLA global (per device)",
          f"{perf.fmt_num(_g(r['flops_per_step']), 1)} ({perf.fmt_num(_g(r['flops_per_step_per_device_xla']), 1)}"
          f"{', scanned: loop body counted once' if r['scan'] else ''})"),
         ("GFLOPs/step analytic (3x fwd)", perf.fmt_num(_g(r["flops_per_step_analytic"]), 1)),
-        ("model TFLOP/s (global / per device)",
-         f"{perf.fmt_num(r['model_tflops_per_s'], 3)} / {perf.fmt_num(r['model_tflops_per_s_per_device'], 3)}"),
-        ("peak TFLOP/s per device", perf.fmt_num(r["peak_tflops_per_device"], 1)),
-        ("MFU (XLA flops / analytic)", f"{perf.fmt_pct(r['mfu'])} / {perf.fmt_pct(r['mfu_analytic'])}"),
-        ("memory/device: args / out / alias / temp",
-         " / ".join(perf.fmt_bytes(m[f"{k}_bytes"]) for k in ("argument", "output", "alias", "temp"))),
-        ("memory/device: peak estimate", perf.fmt_bytes(m["peak_estimate_bytes"])),
-        ("runtime peak bytes in use (max dev)", perf.fmt_bytes(r["device_memory"]["peak_bytes_in_use"])),
     ]
-    return perf.format_table(rows, ("metric", "value"))
-
-
-def format_compile_result(r: dict) -> str:
-    m = r["memory"]
-    rows = [
-        ("devices / mesh", f"{r['devices']} {r['mesh']}"),
-        ("sharding / dtype / scan / remat", f"{r['sharding']} / {r['dtype']} / {r['scan']} / {r['remat_policy']}"),
-        ("global batch", r["global_batch"]),
-        ("lower / compile (s)", f"{r['lower_s']:.2f} / {r['compile_s']:.2f}"),
-        ("GFLOPs/step XLA global / analytic", f"{perf.fmt_num(_g(r['flops_per_step']), 1)} / "
-                                              f"{perf.fmt_num(_g(r['flops_per_step_analytic']), 1)}"),
+    if timed:
+        rows += [
+            ("model TFLOP/s (global / per device)",
+             f"{perf.fmt_num(r['model_tflops_per_s'], 3)} / {perf.fmt_num(r['model_tflops_per_s_per_device'], 3)}"),
+            ("peak TFLOP/s per device", perf.fmt_num(r["peak_tflops_per_device"], 1)),
+            ("MFU (XLA flops / analytic)", f"{perf.fmt_pct(r['mfu'])} / {perf.fmt_pct(r['mfu_analytic'])}"),
+        ]
+    rows += [
         ("memory/device: args / out / alias / temp",
          " / ".join(perf.fmt_bytes(m[f"{k}_bytes"]) for k in ("argument", "output", "alias", "temp"))),
         ("memory/device: peak estimate", perf.fmt_bytes(m["peak_estimate_bytes"])),
     ]
+    if timed:
+        rows.append(("runtime peak bytes in use (max dev)", perf.fmt_bytes(r["device_memory"]["peak_bytes_in_use"])))
     return perf.format_table(rows, ("metric", "value"))
 
 
@@ -553,7 +550,7 @@ def main(argv):
                                                   FLAGS.peak_tflops or None))
         if main_process:
             print(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), jax {env['jax']} — compile only")
-            print(format_compile_result(result))
+            print(format_result(result))
             _write(FLAGS.out, {"mode": "compile_only", "env": env, "result": result})
         return
 
@@ -563,7 +560,7 @@ def main(argv):
     if main_process:
         print(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), jax {env['jax']}, "
               f"load avg {env['loadavg_1m']} -> {env['loadavg_1m_after']} on {env['host_cpus']} host CPUs")
-        print(format_train_result(result))
+        print(format_result(result))
         _write(FLAGS.out, {"mode": "train_step", "env": env, "result": result})
 
 

@@ -116,6 +116,7 @@ def test_benchmark_train_step_tiny_on_8_devices(bench):
     assert r["memory"]["argument_bytes"] > 0 and r["memory"]["temp_bytes"] > 0
     # XLA's global count covers the analytic model FLOPs (plus optimizer, norms, softmax, loss).
     assert r["flops_per_step"] >= 0.9 * r["flops_per_step_analytic"]
+    assert "step time" in bench.format_result(r) and "MFU" in bench.format_result(r)
     # With a peak given, MFU follows from the other numbers.
     peak = 1e12
     assert perf.mfu(r["flops_per_step"], r["step_time_s"], 8, peak) == pytest.approx(
@@ -252,5 +253,5 @@ def test_compile_only_analysis_and_remat_lowers_planned_memory(bench):
     none, full = results["none"], results["full"]
     assert full["memory"]["temp_bytes"] < 0.8 * none["memory"]["temp_bytes"]
     assert full["flops_per_step_xla_raw"] > none["flops_per_step_xla_raw"]
-    table = bench.format_compile_result(full)
-    assert "temp" in table and "full" in table
+    table = bench.format_result(full)
+    assert "temp" in table and "full" in table and "step time" not in table
