@@ -88,7 +88,10 @@ FLAGS = flags.FLAGS
 
 # ----------------------------------------------------------------------------- device set-up
 def setup_devices(num_cpu_devices: int = 0, multihost: bool = False):
-    """Sets XLA_FLAGS for simulated CPU devices (must run before JAX is first imported)."""
+    """Sets XLA_FLAGS for simulated CPU devices and, on a CPU host, glibc's allocator
+    (`colearn_jax.host_memory`); both must happen before JAX starts."""
+    from colearn_jax import host_memory  # noqa: PLC0415
+
     if num_cpu_devices:
         if "jax" in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
             raise RuntimeError("--num_cpu_devices must be applied before JAX is imported.")
@@ -96,6 +99,7 @@ def setup_devices(num_cpu_devices: int = 0, multihost: bool = False):
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_cpu_devices}"
         ).strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
+    host_memory.configure_allocator()
     import jax  # noqa: PLC0415
 
     if multihost:

@@ -54,7 +54,7 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_integer("batch_size", 64, "Global batch size (both sides).")
     flags.DEFINE_integer("rounds", 8, "Alternation rounds.")
     flags.DEFINE_integer("steps_per_round", 4, "Timed steps per side per round.")
-    flags.DEFINE_integer("warmup", 3, "Untimed steps per side before the first round.")
+    flags.DEFINE_integer("warmup", 3, "Untimed alternating steps per side before the first round.")
     flags.DEFINE_integer("threads", 0, "torch threads; 0 = os.cpu_count().")
     flags.DEFINE_string("device", "cpu", "torch device (cpu | cuda).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides.")
@@ -62,6 +62,7 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_string("out", "", "Write the results as JSON here.")
     flags.DEFINE_enum("attention_impl", None, ["xla", "cudnn"], "colearn_jax attention kernel (cudnn: GPU).")
     flags.DEFINE_enum("arch", "small", list(ARCHS), "Architecture (both sides).")
+    flags.DEFINE_bool("host_malloc", True, "Apply colearn_jax.host_memory.configure_allocator() (both sides).")
 FLAGS = flags.FLAGS
 
 
@@ -210,25 +211,36 @@ class ColearnSide:
 
 
 # ----------------------------------------------------------------------------- the race
-def race(sides, *, rounds: int, steps_per_round: int, warmup: int, pause_s: float = 0.2) -> dict[str, list[float]]:
-    """Alternates the sides; returns every timed step's seconds per side."""
+def race(sides, *, rounds: int, steps_per_round: int, warmup: int, pause_s: float = 0.2):
+    """Alternates the sides; returns every timed step's seconds per side, and each side's minor page
+    faults per step (the process's count while that side ran)."""
+    import resource  # noqa: PLC0415
+
     times = {s.name: [] for s in sides}
-    for s in sides:
-        for _ in range(warmup):
+    faults = {s.name: 0 for s in sides}
+    for _ in range(warmup):  # alternating warm-up: both runtimes' heaps reach their steady layout
+        for s in sides:
             s.step()
     for r in range(rounds):
         order = sides if r % 2 == 0 else list(reversed(sides))  # neither side always goes first
         for s in order:
             time.sleep(pause_s)  # let the other runtime's spinning worker threads go idle
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(steps_per_round):
                 t0 = time.perf_counter()
                 s.step()
                 times[s.name].append(time.perf_counter() - t0)
-    return times
+            faults[s.name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return times, {name: faults[name] / max(len(ts), 1) for name, ts in times.items()}
 
 
 def main(argv):
     del argv
+    from colearn_jax import host_memory  # noqa: PLC0415
+
+    # Before JAX (or torch) starts: glibc serves both sides from one heap that keeps freed memory, so
+    # XLA's per-step scratch buffer is not page-faulted in again every step (host_memory docstring).
+    malloc = host_memory.configure_allocator(only_if_cpu=FLAGS.device == "cpu") if FLAGS.host_malloc else None
     threads = FLAGS.threads or os.cpu_count()
     b, ctx = FLAGS.batch_size, FLAGS.context_length
     load_before = os.getloadavg()[0]
@@ -239,8 +251,8 @@ def main(argv):
           f"  (colearn compile {colearn.compile_s:.1f} s)")
     if colearn.num_params != torch_side.num_params:
         print("WARNING: parameter counts differ; the architectures are not identical.")
-    times = race([colearn, torch_side], rounds=FLAGS.rounds, steps_per_round=FLAGS.steps_per_round,
-                 warmup=FLAGS.warmup)
+    times, faults = race([colearn, torch_side], rounds=FLAGS.rounds, steps_per_round=FLAGS.steps_per_round,
+                         warmup=FLAGS.warmup)
     load_after = os.getloadavg()[0]
     import jax  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -251,21 +263,22 @@ def main(argv):
     for name, ts in times.items():
         med = statistics.median(ts)
         summary[name] = {"median_step_s": med, "min_step_s": min(ts), "max_step_s": max(ts), "n": len(ts),
-                         "examples_per_s": b / med}
+                         "examples_per_s": b / med, "page_faults_per_step": faults[name]}
     ratio = summary["colearn_jax"]["examples_per_s"] / summary["open_clip"]["examples_per_s"]
     rows = [(n, f"{1e3 * s['median_step_s']:.1f}", f"{1e3 * s['min_step_s']:.1f}..{1e3 * s['max_step_s']:.1f}",
-             f"{s['examples_per_s']:.1f}", s["n"]) for n, s in summary.items()]
-    print(perf.format_table(rows, ("side", "median step ms", "min..max ms", "examples/s", "timed steps")))
+             f"{s['examples_per_s']:.1f}", f"{s['page_faults_per_step']:,.0f}", s["n"]) for n, s in summary.items()]
+    print(perf.format_table(rows, ("side", "median step ms", "min..max ms", "examples/s", "page faults/step",
+                                   "timed steps")))
     print(f"ratio colearn_jax / open_clip examples/s: {ratio:.2f}x")
     gflops = colearn.flops_per_step / 1e9 if colearn.flops_per_step else None
     print(f"(step = {perf.fmt_num(gflops, 1)} GFLOPs by XLA; batch {b}, {FLAGS.dtype}, torch threads {threads}, "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__}; "
-          f"load avg {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs)")
+          f"load avg {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs; host malloc {malloc})")
     payload = {"batch_size": b, "context_length": ctx, "dtype": FLAGS.dtype, "threads": threads,
                "arch": {"name": FLAGS.arch, **arch},
                "params": {"colearn_jax": colearn.num_params, "open_clip": torch_side.num_params},
                "summary": summary, "ratio": ratio, "flops_per_step": colearn.flops_per_step,
-               "times": times, "loadavg": [load_before, load_after], "jax": jax.__version__, "torch": torch.__version__}
+               "host_malloc": malloc, "times": times, "loadavg": [load_before, load_after], "jax": jax.__version__, "torch": torch.__version__}
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(payload, f, indent=2)

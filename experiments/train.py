@@ -37,6 +37,9 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_NUM_CPU_DEVICES.value}"
         )
+    from colearn_jax import host_memory  # noqa: PLC0415
+
+    host_memory.configure_allocator()  # CPU hosts: reuse the step's scratch buffer (before JAX starts)
     import jax  # noqa: PLC0415 (after XLA_FLAGS)
 
     if _MULTIHOST.value:

@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices (set before jax is imported) and shared fixtures."""
+"""Test set-up: 8 simulated CPU devices and the host allocator (set before jax is imported), fixtures."""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", ".tfds_test_cache"))
+
+from colearn_jax import host_memory  # noqa: E402
+
+host_memory.configure_allocator()  # before JAX starts (see its docstring); no page faults per step
 
 import jax  # noqa: E402
 
