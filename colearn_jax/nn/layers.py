@@ -5,7 +5,6 @@ Every parameter created here carries logical axis names (``nn.with_logical_parti
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -96,44 +95,3 @@ class DropPath(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
-class Linear(nn.Module):
-    """Affine map over the trailing `in_dims` axes of `x`, onto `features` (an int or a shape).
-
-    The kernel has shape `x.shape[-in_dims:] + features` and carries the logical `axes` (one name
-    per kernel dimension), so per-head layouts such as q/k/v `[embed, heads, kv]` shard by name.
-    The product is computed as ONE 2-D matmul, `[prod(leading), prod(in)] @ [prod(in), prod(out)]`,
-    with the reshapes around it free (row-major bitcasts). Contracting a 3-D activation directly
-    (`nn.Dense`, `einsum('btd,df->btf')`) gives the same numbers, but XLA:CPU then computes the
-    weight gradient as a dot over two batch-like axes and sends it to Eigen instead of YNNPACK:
-    a CLIP MLP's forward + backward measured 183 ms that way vs 106 ms as 2-D matmuls
-    (64x77x256 -> 1024 -> 256, 2-core CPU). On GPU/TPU the two forms compile alike.
-    """
-
-    features: int | Sequence[int]
-    axes: Sequence[str | None]
-    in_dims: int = 1
-    std: float | None = None  # normal init std; None -> fan_in ** -0.5
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    precision: jax.lax.Precision | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        out_shape = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        in_shape = x.shape[x.ndim - self.in_dims:]
-        fan_in = math.prod(in_shape)
-        if len(self.axes) != len(in_shape) + len(out_shape):
-            raise ValueError(f"Linear: {len(self.axes)} axis names {tuple(self.axes)} for a kernel of shape "
-                             f"{in_shape + out_shape}")
-        std = self.std if self.std is not None else fan_in**-0.5
-        kernel = self.param("kernel", normal(std, self.axes), in_shape + out_shape)
-        lead = x.shape[: x.ndim - self.in_dims]
-        x2 = x.astype(self.dtype).reshape((math.prod(lead), fan_in))
-        y = jnp.dot(x2, kernel.astype(self.dtype).reshape(fan_in, -1), precision=self.precision)
-        y = y.reshape(lead + out_shape)
-        if self.use_bias:
-            bias = self.param("bias", zeros(tuple(self.axes)[len(in_shape):]), out_shape)
-            y = y + bias.astype(self.dtype)
-        return y
