@@ -7,10 +7,11 @@ per-thread arena and returns it with `munmap` when the step ends, so every step 
 buffer in again: 434,000 minor faults and 0.85 s of kernel time per 2.5 s step on a 2-core VM.
 
 `configure_allocator()` tells glibc (`mallopt`) to serve every thread from the main heap, never to
-use `mmap` for large blocks, and to keep up to 2 GiB of freed memory instead of trimming it, so the
-scratch buffer is recycled by the next step with no faults (the same step: 0 faults, 2.0 s). The
-price is that the process keeps its peak heap instead of returning it to the OS, which is what a
-training process wants anyway. It is the CPU analogue of the tcmalloc preload that accelerator hosts
+use `mmap` for large blocks, and never to trim freed memory off the top of the heap, so the scratch
+buffer is recycled by the next step with no faults (the same step: 0 faults, 2.0 s). The price is
+that the process keeps its peak heap instead of returning it to the OS, which is what a training
+process wants anyway. (A finite trim threshold is not enough: mallopt takes an int, and once the
+freed scratch buffer plus its neighbours pass 2 GiB, glibc trims and the next step faults it all in.) It is the CPU analogue of the tcmalloc preload that accelerator hosts
 often use.
 
 glibc binds each thread to an arena at its first allocation, so this must run before JAX starts its
@@ -44,8 +45,11 @@ def jax_will_use_cpu() -> bool:
     return not any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS)
 
 
-def configure_allocator(*, only_if_cpu: bool = True, trim_threshold_bytes: int = _MAX_INT) -> dict | None:
-    """Applies the settings above; returns them as a dict, or None when nothing was changed."""
+def configure_allocator(*, only_if_cpu: bool = True, trim_threshold_bytes: int = -1) -> dict | None:
+    """Applies the settings above; returns them as a dict, or None when nothing was changed.
+
+    `trim_threshold_bytes=-1` (glibc: "disables trimming completely"); a positive value trims
+    freed top-of-heap memory beyond it (at most 2**31 - 1)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if only_if_cpu and not jax_will_use_cpu():
@@ -58,7 +62,7 @@ def configure_allocator(*, only_if_cpu: bool = True, trim_threshold_bytes: int =
         return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     settings = {"arena_max": (_M_ARENA_MAX, 1), "mmap_max": (_M_MMAP_MAX, 0),
-                "trim_threshold": (_M_TRIM_THRESHOLD, min(int(trim_threshold_bytes), _MAX_INT))}
+                "trim_threshold": (_M_TRIM_THRESHOLD, -1 if trim_threshold_bytes < 0 else min(int(trim_threshold_bytes), _MAX_INT))}
     applied = {}
     for name, (param, value) in settings.items():
         if mallopt(param, value) == 1:  # mallopt returns 1 on success

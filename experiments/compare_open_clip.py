@@ -54,7 +54,7 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_integer("batch_size", 64, "Global batch size (both sides).")
     flags.DEFINE_integer("rounds", 8, "Alternation rounds.")
     flags.DEFINE_integer("steps_per_round", 4, "Timed steps per side per round.")
-    flags.DEFINE_integer("warmup", 3, "Untimed alternating steps per side before the first round.")
+    flags.DEFINE_integer("warmup", 5, "Untimed alternating steps per side before the first round.")
     flags.DEFINE_integer("threads", 0, "torch threads; 0 = os.cpu_count().")
     flags.DEFINE_string("device", "cpu", "torch device (cpu | cuda).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides.")
