@@ -18,6 +18,11 @@ eager mode, no AMP, no torch.compile). colearn_jax's is the jitted, donated trai
 then of the other, after `--warmup` steps each) so background load hits both alike; the median step
 time per side gives examples/s and the ratio colearn_jax / open_clip.
 
+Host allocator: before either runtime starts, `colearn_jax.host_memory.configure_allocator()` makes
+glibc serve the whole process from one heap that keeps freed memory (both sides get it; it speeds up
+both; `--nohost_malloc` turns it off). Without it XLA:CPU maps and page-faults its 1.7 GiB scratch
+buffer afresh every step (the table's "page faults/step" column shows it).
+
 Threads: XLA's CPU backend runs on all host cores; torch gets `torch.set_num_threads(os.cpu_count())`
 (override with --threads). Parameter counts of both models are printed as an architecture check.
 On a GPU host pass --device=cuda (torch) — JAX picks the GPU by itself; compare at bf16 with

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from colearn_jax.nn import layers
 from colearn_jax.nn.attention import MultiHeadAttention, make_attention_mask
 from colearn_jax.nn.text import TextTransformer
 from colearn_jax.nn.transformer import BlockConfig, TransformerStack
@@ -96,3 +97,33 @@ def test_every_parameter_has_logical_axes_and_vit_shapes():
     chex.assert_shape(out["tokens"], (2, 17, 32))
     with pytest.raises(ValueError, match="expects images of shape"):
         vit.apply(nn.unbox(vit.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))), jnp.ones((2, 20, 20, 3)))
+
+
+@pytest.mark.parametrize("in_dims,x_shape,k_shape", [
+    (1, (3, 5, 8), (8, 24)),      # widening (MLP fc): x is transposed for the weight gradient
+    (1, (3, 5, 24), (24, 8)),     # narrowing (MLP proj): dy is transposed
+    (1, (4, 8), (8, 2, 4)),       # q/k/v layout [embed, heads, kv]
+    (2, (3, 5, 2, 4), (2, 4, 8)),  # output layout [heads, kv, embed]
+])
+def test_contract_values_and_grads_equal_einsum(in_dims, x_shape, k_shape):
+    """layers.contract (2-D matmul, on CPU with its YNNPACK-friendly weight-gradient VJP) == einsum."""
+    kx, kk, kc = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, k = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+    letters = "abcdefgh"
+    xs = letters[: len(x_shape)]
+    ks = xs[len(x_shape) - in_dims:] + "wxyz"[: len(k_shape) - in_dims]
+    eq = f"{xs},{ks}->{xs[: len(x_shape) - in_dims]}{ks[in_dims:]}"
+    out_shape = jnp.einsum(eq, x, k).shape
+    cot = jax.random.normal(kc, out_shape)
+
+    def loss(f):
+        return lambda x, k: jnp.sum(f(x, k) * cot)
+
+    ref = jax.value_and_grad(loss(lambda x, k: jnp.einsum(eq, x, k)), argnums=(0, 1))(x, k)
+    got = jax.jit(jax.value_and_grad(loss(lambda x, k: layers.contract(x, k, in_dims)), argnums=(0, 1)))(x, k)
+    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_contract_rejects_mismatched_kernel():
+    with pytest.raises(ValueError, match="do not match kernel"):
+        layers.contract(jnp.ones((2, 3)), jnp.ones((4, 5)))

@@ -23,31 +23,6 @@ def make_attention_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> 
     return query_valid[:, None, :, None] & key_valid[:, None, None, :]
 
 
-class _Projection(nn.Module):
-    """einsum with a kernel of the given shape and logical axes, plus a zero-initialised bias.
-
-    (Used instead of nn.DenseGeneral, which initialises multi-dimensional kernels flat and so
-    cannot carry per-dimension logical axis names under a mesh.)
-    """
-
-    equation: str
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    std: float
-    use_bias: bool
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", layers.normal(self.std, self.axes), self.shape)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            out_dims = len(self.equation.split("->")[1].replace("...", ""))
-            bias = self.param("bias", layers.zeros(self.axes[-out_dims:]), self.shape[-out_dims:])
-            y = y + bias.astype(self.dtype)
-        return y
-
-
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention.
 
@@ -95,10 +70,8 @@ class MultiHeadAttention(nn.Module):
         out_std = self.out_std if self.out_std is not None else width**-0.5
 
         def project(name, x):
-            return _Projection(
-                "...d,dhk->...hk", (x.shape[-1], self.num_heads, head_dim), ("embed", "heads", "kv"),
-                qkv_std, self.use_bias, self.dtype, name=name,
-            )(x)
+            return layers.Projection((x.shape[-1], self.num_heads, head_dim), ("embed", "heads", "kv"), qkv_std,
+                                     use_bias=self.use_bias, dtype=self.dtype, name=name)(x)
 
         q = project("query", inputs_q)
         k = project("key", inputs_kv)
@@ -130,8 +103,6 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask=mask, is_causal=causal, implementation=self.implementation
         )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        out = _Projection(
-            "...hk,hkd->...d", (self.num_heads, head_dim, out_features), ("heads", "kv", "embed"),
-            out_std, self.use_bias, self.dtype, name="out",
-        )(out)
+        out = layers.Projection((self.num_heads, head_dim, out_features), ("heads", "kv", "embed"), out_std,
+                                in_dims=2, use_bias=self.use_bias, dtype=self.dtype, name="out")(out)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))

@@ -5,6 +5,7 @@ Every parameter created here carries logical axis names (``nn.with_logical_parti
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -95,3 +96,77 @@ class DropPath(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- projections
+def _weight_grad_via_transpose(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """x^T @ dy for x [n, a], dy [n, b], with the narrower operand transposed explicitly first.
+
+    XLA:CPU sends a dot to YNNPACK only when its left operand is contracted over its last axis; the
+    weight gradient of `x @ w` contracts both operands over their first axis, so it goes to the slower
+    Eigen path. Transposing the narrower operand (a few MB) into a separate buffer — the barriers keep
+    XLA from folding the transpose back into the dot — gives YNNPACK the layout it wants.
+    """
+    barrier = jax.lax.optimization_barrier
+    if x.shape[1] <= dy.shape[1]:
+        return barrier(x.T) @ dy
+    return barrier(barrier(dy.T) @ x).T
+
+
+@jax.custom_vjp
+def _matmul_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
+    return x @ w
+
+
+def _matmul_cpu_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_cpu_bwd(residuals, dy):
+    x, w = residuals
+    return dy @ w.T, _weight_grad_via_transpose(x, dy)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
+
+
+def contract(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
+    """x[..., *in] . kernel[*in, *out] -> [..., *out], computed as one 2-D matmul.
+
+    The same numbers as `jnp.einsum` on every backend. When lowering for the CPU, the matmul carries
+    a custom VJP whose weight gradient runs through YNNPACK (`_weight_grad_via_transpose`): the CLIP
+    train step of experiments/compare_open_clip.py got ~4 % faster (2-core CPU, 4 A/B pairs). On
+    GPU/TPU plain autodiff is used, so XLA fuses as usual.
+    """
+    lead, ins, outs = x.shape[: x.ndim - in_dims], x.shape[x.ndim - in_dims:], kernel.shape[in_dims:]
+    if kernel.shape[:in_dims] != ins:
+        raise ValueError(f"contract: input trailing axes {ins} do not match kernel {kernel.shape} (in_dims={in_dims})")
+    x2 = x.reshape((math.prod(lead), math.prod(ins)))
+    w2 = kernel.reshape((math.prod(ins), math.prod(outs)))
+    y = _matmul_cpu(x2, w2) if jax.default_backend() == "cpu" else x2 @ w2
+    return y.reshape(lead + outs)
+
+
+class Projection(nn.Module):
+    """Affine map of the trailing `in_dims` axes onto `shape[in_dims:]`, kernel `shape` with logical `axes`.
+
+    Used for every dense projection in the transformer blocks (attention q/k/v/out, MLP), with
+    parameters named like `nn.Dense`'s (`kernel`, zero-initialised `bias`). Unlike nn.DenseGeneral it
+    initialises multi-dimensional kernels per dimension, so each can carry its own logical axis name.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    std: float
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", normal(self.std, self.axes), self.shape)
+        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
+        if self.use_bias:
+            bias = self.param("bias", zeros(self.axes[self.in_dims:]), self.shape[self.in_dims:])
+            y = y + bias.astype(self.dtype)
+        return y

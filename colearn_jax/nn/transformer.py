@@ -27,7 +27,7 @@ REMAT_POLICIES = {
 
 
 class MlpBlock(nn.Module):
-    """Position-wise feed-forward: Dense(mlp_dim) -> activation -> Dense(width)."""
+    """Position-wise feed-forward: Projection(mlp_dim) -> activation -> Projection(width)."""
 
     mlp_dim: int
     activation: str = "gelu"
@@ -40,23 +40,13 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        h = nn.Dense(
-            self.mlp_dim,
-            dtype=self.dtype,
-            kernel_init=layers.normal(self.fc_std or (2 * width) ** -0.5, ("embed", "mlp")),
-            bias_init=layers.zeros(("mlp",)),
-            name="fc",
-        )(x)
+        h = layers.Projection((width, self.mlp_dim), ("embed", "mlp"), self.fc_std or (2 * width) ** -0.5,
+                              dtype=self.dtype, name="fc")(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = layers.get_activation(self.activation)(h)
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
-        out = nn.Dense(
-            width,
-            dtype=self.dtype,
-            kernel_init=layers.normal(self.proj_std or width**-0.5, ("mlp", "embed")),
-            bias_init=layers.zeros(("embed",)),
-            name="proj",
-        )(h)
+        out = layers.Projection((self.mlp_dim, width), ("mlp", "embed"), self.proj_std or width**-0.5,
+                                dtype=self.dtype, name="proj")(h)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
