@@ -11,8 +11,7 @@ use `mmap` for large blocks, and never to trim freed memory off the top of the h
 buffer is recycled by the next step with no faults (the same step: 0 faults, 2.0 s). The price is
 that the process keeps its peak heap instead of returning it to the OS, which is what a training
 process wants anyway. (A finite trim threshold is not enough: mallopt takes an int, and once the
-freed scratch buffer plus its neighbours pass 2 GiB, glibc trims and the next step faults it all in.) It is the CPU analogue of the tcmalloc preload that accelerator hosts
-often use.
+freed scratch buffer plus its neighbours pass 2 GiB, glibc trims and the next step faults it all in.)
 
 glibc binds each thread to an arena at its first allocation, so this must run before JAX starts its
 CPU client (before the first `jax.devices()`, array or jit); afterwards it only affects new threads.
@@ -31,7 +30,6 @@ import os
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_MAX_INT = 2**31 - 1
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 ENV_SWITCH = "COLEARN_JAX_HOST_MALLOC"
@@ -45,11 +43,9 @@ def jax_will_use_cpu() -> bool:
     return not any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS)
 
 
-def configure_allocator(*, only_if_cpu: bool = True, trim_threshold_bytes: int = -1) -> dict | None:
+def configure_allocator(*, only_if_cpu: bool = True) -> dict | None:
     """Applies the settings above; returns them as a dict, or None when nothing was changed.
-
-    `trim_threshold_bytes=-1` (glibc: "disables trimming completely"); a positive value trims
-    freed top-of-heap memory beyond it (at most 2**31 - 1)."""
+    (A trim threshold of -1 is glibc's "disables trimming completely".)"""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if only_if_cpu and not jax_will_use_cpu():
@@ -61,8 +57,7 @@ def configure_allocator(*, only_if_cpu: bool = True, trim_threshold_bytes: int =
     except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
         return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    settings = {"arena_max": (_M_ARENA_MAX, 1), "mmap_max": (_M_MMAP_MAX, 0),
-                "trim_threshold": (_M_TRIM_THRESHOLD, -1 if trim_threshold_bytes < 0 else min(int(trim_threshold_bytes), _MAX_INT))}
+    settings = {"arena_max": (_M_ARENA_MAX, 1), "mmap_max": (_M_MMAP_MAX, 0), "trim_threshold": (_M_TRIM_THRESHOLD, -1)}
     applied = {}
     for name, (param, value) in settings.items():
         if mallopt(param, value) == 1:  # mallopt returns 1 on success

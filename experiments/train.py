@@ -50,16 +50,14 @@ def main(argv):
     from colearn_jax.train import loop  # noqa: PLC0415
 
     if _COMPILE_ONLY.value:
+        from colearn_jax import perf  # noqa: PLC0415
+
         compiled, _ = loop.compile_train_step(config)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        mem = compiled.memory_analysis()
+        mem = perf.memory_analysis(compiled)
         report = {
             "devices": jax.device_count(),
-            "flops_per_step": float(cost.get("flops", 0.0)) if cost else None,
-            "argument_bytes_per_device": getattr(mem, "argument_size_in_bytes", None),
-            "temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
-            "output_bytes_per_device": getattr(mem, "output_size_in_bytes", None),
+            "flops_per_step": perf.cost_flops(compiled),
+            **{f"{field}_bytes_per_device": mem[f"{field}_bytes"] for field in ("argument", "temp", "output")},
         }
         print(json.dumps(report, indent=2))
         return
