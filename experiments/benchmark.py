@@ -155,39 +155,23 @@ def _prepare(config, batch_size: int | None):
 
 
 def lower_train_step(config, *, devices=None, batch_size: int | None = None, compile: bool = True) -> dict:
-    """Lowers (and compiles) the donated, sharded train step from abstract shapes, as
-    `loop.compile_train_step` does, timing lowering and compilation separately.
+    """Lowers (and compiles) the donated, sharded train step from abstract shapes through
+    `TrainProgram` (as training does), timing lowering and compilation separately.
     Returns a dict with the pieces a run needs."""
-    import jax  # noqa: PLC0415
-
-    from colearn_jax import config_checks, sharding  # noqa: PLC0415
-    from colearn_jax.train import loop  # noqa: PLC0415
-    from colearn_jax.train.checkpoint import with_shardings  # noqa: PLC0415
-    from colearn_jax.train.state import state_shardings  # noqa: PLC0415
-    from colearn_jax.train.step import make_train_step  # noqa: PLC0415
+    from colearn_jax.train.program import TrainProgram  # noqa: PLC0415
 
     config = _prepare(config, batch_size)
     with perf.Timer() as t_lower:
-        system, model, mesh, rules, tx, schedule = loop.build(config, devices=devices)
-        config_checks.validate(config, mesh, rules)
-        dp = sharding.data_parallel_size(mesh, rules)
-        abstract, shardings = state_shardings(model, tx, system.example_batch(config, dp), mesh, rules)
-        bsh = sharding.batch_sharding(mesh, rules)
-        example = system.example_batch(config, config.data.batch_size)
-        abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=bsh), example)
-        step = make_train_step(
-            model, system.make_objective(config, mesh, rules), tx, schedule, system.constrain_params, rules)
-        jitted = jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, sharding.replicated(mesh)),
-                         donate_argnums=0)
-        with jax.set_mesh(mesh):
-            lowered = jitted.lower(with_shardings(abstract, shardings), abstract_batch)
+        program = TrainProgram.build(config, devices=devices)
+        lowered = program.lower()
     compiled, t_compile = None, perf.Timer()
     if compile:
         with t_compile:
             compiled = lowered.compile()
-    return dict(config=config, system=system, model=model, mesh=mesh, rules=rules, tx=tx, shardings=shardings,
-                example=example, lowered=lowered, compiled=compiled, lower_s=t_lower.seconds,
-                compile_s=t_compile.seconds, dp=dp)
+    return dict(config=config, program=program, system=program.system, model=program.model, mesh=program.mesh,
+                rules=program.rules, tx=program.tx, shardings=program.state_shardings,
+                example=program.system.example_batch(config, config.data.batch_size), lowered=lowered,
+                compiled=compiled, lower_s=t_lower.seconds, compile_s=t_compile.seconds, dp=program.dp)
 
 
 def unscanned_step_flops(config, *, devices=None) -> float | None:
@@ -253,7 +237,6 @@ def benchmark_train_step(config, *, devices=None, steps: int = 10, warmup: int =
     import numpy as np  # noqa: PLC0415
 
     from colearn_jax import sharding  # noqa: PLC0415
-    from colearn_jax.train.state import create_sharded_state  # noqa: PLC0415
 
     parts = lower_train_step(config, devices=devices, batch_size=batch_size)
     config, mesh, rules, system = parts["config"], parts["mesh"], parts["rules"], parts["system"]
@@ -261,9 +244,7 @@ def benchmark_train_step(config, *, devices=None, steps: int = 10, warmup: int =
     peak = resolve_peak(devs[0].device_kind, config.model.dtype, peak_tflops)
     result = analyze_step(parts, peak)
 
-    example_dp = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), system.example_batch(config, parts["dp"]))
-    state, _ = create_sharded_state(parts["model"], parts["tx"], example_dp, mesh, rules,
-                                    jax.random.PRNGKey(config.seed))
+    state = parts["program"].init_state()
     rows = config.data.batch_size // jax.process_count()
     batches = [
         sharding.shard_batch(synthetic_batch(parts["example"], config, seed + i + 1000 * jax.process_index(),

@@ -190,7 +190,6 @@ class ColearnSide:
 
         import benchmark  # noqa: PLC0415  (experiments/benchmark.py)
         from colearn_jax import sharding  # noqa: PLC0415
-        from colearn_jax.train.state import create_sharded_state  # noqa: PLC0415
 
         self.jax = jax
         config = make_colearn_config(arch, batch_size, context_length, dtype, attention_impl)
@@ -198,8 +197,7 @@ class ColearnSide:
         self.compile_s = parts["lower_s"] + parts["compile_s"]
         self.flops_per_step = benchmark.analyze_step(parts)["flops_per_step"]
         mesh, rules = parts["mesh"], parts["rules"]
-        example = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), parts["system"].example_batch(config, 1))
-        self.state, _ = create_sharded_state(parts["model"], parts["tx"], example, mesh, rules, jax.random.PRNGKey(0))
+        self.state = parts["program"].init_state(seed=0)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
         self.compiled = parts["compiled"]
         self.batches = []

@@ -63,18 +63,24 @@ def main(argv):
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (unless --compile_only).")
-    loop.train(config, _WORKDIR.value)
-    summarize(_WORKDIR.value)
+    try:
+        loop.train(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, loop.NonFiniteError) as e:  # named errors: no traceback wall
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    specs = loop.metric_specs(config)
+    summarize(_WORKDIR.value, specs)
     if jax.process_index() == 0:
         from colearn_jax.train.plots import plot_metrics  # noqa: PLC0415
 
-        path = plot_metrics(_WORKDIR.value)
+        path = plot_metrics(_WORKDIR.value, specs=specs)
         if path:
             print(f"Training curves: {path}")
 
 
-def summarize(workdir: str):
-    """Prints the final held-out metrics of the run (from metrics.jsonl)."""
+def summarize(workdir: str, specs: dict):
+    """Prints the final held-out metrics of the run (from metrics.jsonl), formatted by their MetricSpec."""
+    from colearn_jax.evals import describe  # noqa: PLC0415
     from colearn_jax.train.metrics import read_metrics  # noqa: PLC0415
 
     evals = [r for r in read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
@@ -84,7 +90,7 @@ def summarize(workdir: str):
     print(f"\nHeld-out evaluation at step {last['step']}:")
     for k, v in last.items():
         if k.startswith("eval/"):
-            print(f"  {k:24s} {100 * v:6.2f}%")
+            print(f"  {k:24s} {describe(v, specs.get(k[len('eval/'):]))}")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from colearn_jax import sharding
 from colearn_jax.models import get_system
 from colearn_jax.models.clip import MAX_LOGIT_SCALE, clamp_logit_scale
-from colearn_jax.train import loop
-from colearn_jax.train.checkpoint import with_shardings
 from colearn_jax.train.optimizer import weight_decay_mask
-from colearn_jax.train.state import create_sharded_state, state_shardings
-from colearn_jax.train.step import make_train_step
+from colearn_jax.train.program import TrainProgram
 from tests.helpers import load_config, synthetic_clip_batch
 
 
@@ -61,15 +57,10 @@ def test_quick_gelu_switch_changes_the_function():
 
 
 def _step(config, seed=0, steps=1):
-    system, model, mesh, rules, tx, schedule = loop.build(config)
-    dp = sharding.data_parallel_size(mesh, rules)
-    state, shardings = create_sharded_state(model, tx, synthetic_clip_batch(config, dp), mesh, rules,
-                                            jax.random.PRNGKey(seed))
-    step = jax.jit(make_train_step(model, system.make_objective(config, mesh, rules), tx, schedule,
-                                   system.constrain_params, rules))
-    with jax.set_mesh(mesh):
-        for _ in range(steps):
-            state, metrics = step(state, sharding.shard_batch(synthetic_clip_batch(config), mesh, rules))
+    program = TrainProgram.build(config)
+    state = program.init_state(seed)
+    for _ in range(steps):
+        state, metrics = program.step(state, program.place_batch(synthetic_clip_batch(config)))
     return state, metrics
 
 
@@ -101,17 +92,11 @@ def test_paper_presets_build_and_lower_under_fsdp(preset):
     config = load_config(f"clip.py:{preset}")
     config.unlock()
     config.sharding = "fsdp"
-    system, model, mesh, rules, tx, schedule = loop.build(config)
-    abstract, shardings = state_shardings(model, tx, system.example_batch(config, 8), mesh, rules)
+    program = TrainProgram.build(config)
+    abstract = program.abstract_state
     assert sum(x.size for x in jax.tree.leaves(abstract.params)) == PAPER_PARAMS[preset]
-    bsh = sharding.batch_sharding(mesh, rules)
-    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=bsh),
-                         system.example_batch(config, config.data.batch_size))
-    step = jax.jit(make_train_step(model, system.make_objective(config, mesh, rules), tx, schedule,
-                                   system.constrain_params, rules),
-                   in_shardings=(shardings, bsh), out_shardings=(shardings, sharding.replicated(mesh)))
-    with jax.set_mesh(mesh):
-        lowered = step.lower(with_shardings(abstract, shardings), batch)
+    lowered = program.lower()
     assert "mhlo.num_partitions = 8" in lowered.as_text()  # partitioned over the whole mesh
-    largest = max(zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params)), key=lambda t: t[0].size)
+    largest = max(zip(jax.tree.leaves(abstract.params), jax.tree.leaves(program.state_shardings.params)),
+                  key=lambda t: t[0].size)
     assert ("data", "fsdp") in tuple(largest[1].spec)

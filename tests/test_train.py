@@ -11,6 +11,8 @@ import colearn_jax
 from colearn_jax.train import loop
 from colearn_jax.train.checkpoint import list_steps
 from colearn_jax.train.metrics import read_metrics
+from colearn_jax.train.program import TrainProgram
+from colearn_jax.train.stop import GracefulStop
 from tests.helpers import load_config
 
 
@@ -104,7 +106,7 @@ def test_missing_and_corrupt_checkpoints_are_named(uninterrupted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
     blobs = 0
-    for root, _, files in os.walk(copy / "checkpoints" / "8" / "state"):
+    for root, _, files in os.walk(copy / "checkpoints" / "8" / "model"):
         if os.path.basename(root) == "d":
             for f in files:
                 with open(os.path.join(root, f), "r+b") as fh:
@@ -137,11 +139,11 @@ def test_config_errors_fail_before_compiling(tmp_path):
     c.mesh.model = 16
     with pytest.raises(ValueError, match="config.mesh"):
         loop.train(c, str(tmp_path))
-    assert not os.path.exists(tmp_path / "checkpoints" / "4")
+    assert not os.listdir(tmp_path)  # validation runs before the workdir gets anything
 
 
 def test_ctrl_c_requests_a_graceful_stop_and_a_second_one_interrupts():
-    with loop.GracefulStop() as stop:
+    with GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
@@ -152,6 +154,6 @@ def test_ctrl_c_requests_a_graceful_stop_and_a_second_one_interrupts():
 def test_train_step_runs_under_a_transfer_guard(tmp_path, monkeypatch):
     """The loop calls the step under jax.transfer_guard("disallow"): a batch left on the host (an
     implicit host-to-device copy inside the step) is an error, not a silent round-trip."""
-    monkeypatch.setattr(loop.sharding, "shard_batch", lambda batch, mesh, rules: batch)
+    monkeypatch.setattr(TrainProgram, "place_batch", lambda self, batch: batch)
     with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
         loop.train(_config(), str(tmp_path))

@@ -27,7 +27,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scan", action="store_true", help="stack layers for config.model.scan=True")
     p.add_argument("--vision_heads", type=int, default=None, help="override the image tower's head count")
     p.add_argument("--text_heads", type=int, default=None, help="override the text tower's head count")
-    p.add_argument("--base_config", default=None, help="path of configs/clip.py (found automatically in a checkout)")
     return p.parse_args(argv)
 
 
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
     try:
         config, variables = convert(
             args.source, args.input, model_config=args.model_config, scan=args.scan,
-            vision_heads=args.vision_heads, text_heads=args.text_heads, base_config_path=args.base_config,
+            vision_heads=args.vision_heads, text_heads=args.text_heads,
         )
         directory = save_checkpoint(config, variables, args.output)
     except (FileNotFoundError, FileExistsError, ConversionError, CheckpointFormatError, ImportError) as e:

@@ -65,27 +65,12 @@ class ConversionError(ValueError):
 # Base config
 
 
-def _find_clip_config_file() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.path.join(here, "..", "..", "configs", "clip.py"), os.path.join(os.getcwd(), "configs", "clip.py")]
-    for c in candidates:
-        if os.path.isfile(c):
-            return os.path.abspath(c)
-    return None
+def base_config() -> ml_collections.ConfigDict:
+    """The CLIP `digits` preset (colearn_jax/configs/clip.py, part of the package), unlocked: the layout
+    converted checkpoints start from."""
+    from colearn_jax.configs.clip import get_config  # noqa: PLC0415
 
-
-def base_config(path: str | None = None) -> ml_collections.ConfigDict:
-    """`configs/clip.py:digits` (the base layout), unlocked. `path` overrides where configs/clip.py is."""
-    path = path or _find_clip_config_file()
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
-            "Could not find configs/clip.py (the base config of converted checkpoints). Run from the "
-            "colearn_jax source tree, or pass base_config=/path/to/configs/clip.py (--base_config)."
-        )
-    spec = importlib.util.spec_from_file_location("colearn_jax_configs_clip", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("digits")
+    config = get_config("digits")
     config.unlock()
     return config
 
@@ -528,10 +513,9 @@ def _hf_params(sd: Mapping[str, Any], arch: dict) -> dict:
 # Public API
 
 
-def make_config(arch: dict, *, scan: bool = False, base: ml_collections.ConfigDict | None = None,
-                base_config_path: str | None = None) -> ml_collections.ConfigDict:
+def make_config(arch: dict, *, scan: bool = False, base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """The colearn_jax config (configs/clip.py layout) for an architecture dict."""
-    config = base if base is not None else base_config(base_config_path)
+    config = base if base is not None else base_config()
     config.unlock()
     m = config.model
     m.embed_dim = int(arch["embed_dim"])
@@ -595,7 +579,6 @@ def convert_state_dict(
     vision_heads: int | None = None,
     text_heads: int | None = None,
     base: ml_collections.ConfigDict | None = None,
-    base_config_path: str | None = None,
     check: bool = True,
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, variables) from an in-memory state dict (numpy arrays or torch tensors).
@@ -632,7 +615,7 @@ def convert_state_dict(
     _check_heads(arch["text"]["width"], arch["text"]["heads"], "text")
 
     variables = _hf_params(state_dict, arch) if source == "hf" else _openai_layout_params(state_dict, arch)
-    config = make_config(arch, scan=scan, base=base, base_config_path=base_config_path)
+    config = make_config(arch, scan=scan, base=base)
     if scan:
         for tower in ("vision", "text"):
             p = variables["params"][tower]
@@ -651,7 +634,6 @@ def convert(
     scan: bool = False,
     vision_heads: int | None = None,
     text_heads: int | None = None,
-    base_config_path: str | None = None,
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, variables) from a checkpoint file or (for `hf`) a model directory.
 
@@ -672,40 +654,27 @@ def convert(
             model_config = cfg_path
     state_dict = read_state_dict(input_path)
     return convert_state_dict(state_dict, source, model_config=model_config, scan=scan, vision_heads=vision_heads,
-                              text_heads=text_heads, base_config_path=base_config_path)
+                              text_heads=text_heads)
 
 
 def save_checkpoint(config: ml_collections.ConfigDict, variables: dict, output_dir: str, *, step: int = 0) -> str:
-    """Writes `variables` as a colearn_jax checkpoint (train state with fresh optimizer state).
-
-    The result loads with `colearn_jax.load(output_dir)`. Returns the checkpoint directory.
-    """
+    """Writes what inference and `train.init_from` need: the variables and the config (no optimizer
+    state). The result loads with `colearn_jax.load(output_dir)`. Returns the checkpoint directory."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
     from colearn_jax.train.checkpoint import Checkpointer  # noqa: PLC0415
-    from colearn_jax.train.optimizer import make_optimizer  # noqa: PLC0415
-    from colearn_jax.train.state import TrainState  # noqa: PLC0415
 
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
     directory = os.path.join(output_dir, "checkpoints")
     if os.path.isdir(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory} already holds checkpoints; choose an empty --output.")
     check_variables(config, variables)
-    tx, _ = make_optimizer(config.optim, config.train.num_steps)
     cpu = jax.local_devices(backend="cpu")[0] if jax.default_backend() != "cpu" else jax.local_devices()[0]
     with jax.default_device(cpu):
-        params = jax.tree.map(jnp.asarray, variables["params"])
-        model_state = {k: jax.tree.map(jnp.asarray, v) for k, v in variables.items() if k != "params"}
-        state = TrainState(
-            step=jnp.asarray(step, jnp.int32),
-            params=params,
-            model_state=model_state,
-            opt_state=tx.init(params),
-            rng=jax.random.split(jax.random.PRNGKey(int(config.seed)))[1],
-        )
+        variables = jax.tree.map(jnp.asarray, variables)
         with Checkpointer(directory, keep=1, async_save=False) as ckpt:
-            ckpt.save(step, state, None, config, force=True)
+            ckpt.save_variables(step, variables, config)
     return directory
 
 

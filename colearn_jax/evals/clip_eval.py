@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from colearn_jax import sharding
+from colearn_jax.evals import DescribedEvaluator, MetricSpec
 from colearn_jax.evals.retrieval import retrieval_recall
 from colearn_jax.evals.zeroshot import topk_accuracy, zeroshot_classifier
 
@@ -24,8 +25,24 @@ def _padded_apply(fn, x: np.ndarray, multiple: int, placement) -> np.ndarray:
     return np.asarray(fn(jax.device_put(x, placement)))[:n]
 
 
-def make_clip_evaluator(config, mesh, rules):
-    from colearn_jax.data import get_tokenizer, iterate_eval  # noqa: PLC0415
+RECALL_KS = (1, 5, 10)
+
+
+def metric_specs(config) -> dict[str, MetricSpec]:
+    specs = {}
+    if config.eval.retrieval:
+        for k in RECALL_KS:
+            specs[f"i2t_r{k}"] = MetricSpec(f"i2t_r{k}", description=f"image->text Recall@{k}")
+            specs[f"t2i_r{k}"] = MetricSpec(f"t2i_r{k}", description=f"text->image Recall@{k}")
+    if config.eval.zeroshot:
+        for k in (1, 5):
+            specs[f"zeroshot_top{k}"] = MetricSpec(f"zeroshot_top{k}", description=f"zero-shot top-{k} accuracy")
+    return specs
+
+
+def make_clip_evaluator(config, mesh, rules, eval_data=None):
+    """`eval_data(split=None)` -> iterable of this process's rows of each eval batch (System.make_eval_data)."""
+    from colearn_jax.data import get_tokenizer  # noqa: PLC0415
 
     tokenizer = get_tokenizer(config.data.tokenizer, config.data.get("vocab_path"))
     bsh = sharding.batch_sharding(mesh, rules)
@@ -53,9 +70,7 @@ def make_clip_evaluator(config, mesh, rules):
     def evaluate(model, variables) -> dict[str, float]:
         enc_img, enc_txt, gather = encoders(model)
         images, texts, labels = [], [], []
-        batches = iterate_eval(
-            config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
-        )
+        batches = eval_data()
         with jax.set_mesh(mesh):
             for batch in batches:
                 batch = sharding.shard_batch(batch, mesh, rules)
@@ -67,7 +82,7 @@ def make_clip_evaluator(config, mesh, rules):
             image_embeds, text_embeds = np.concatenate(images), np.concatenate(texts)
             metrics = {}
             if config.eval.retrieval:
-                metrics.update(retrieval_recall(image_embeds, text_embeds))
+                metrics.update(retrieval_recall(image_embeds, text_embeds, ks=RECALL_KS))
             if config.eval.zeroshot and labels:
                 classifier = zeroshot_classifier(
                     lambda ids: _padded_apply(lambda x: enc_txt(variables, x), ids, dp, bsh),
@@ -77,4 +92,4 @@ def make_clip_evaluator(config, mesh, rules):
                 metrics.update({f"zeroshot_{k}": v for k, v in acc.items()})
         return metrics
 
-    return evaluate
+    return DescribedEvaluator(evaluate, metric_specs(config))

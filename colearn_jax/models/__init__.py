@@ -1,25 +1,78 @@
-"""Registry of systems. A system = a linen module + an objective + an evaluator, built from config.
+"""Registry of systems, and the `System` interface the generic trainer talks to.
 
-The generic trainer (`colearn_jax.train.loop`) only talks to `System`; nothing in it is model specific.
+A system is everything one co-learning method brings (DESIGN.md "One system = ..."): a linen module,
+an objective, its own data (train iterator, eval data, and the example batch from the same feature
+spec), the RNG streams it draws, an on-device batch transform (augmentation), its evaluator (which
+describes its metrics), its config checks and its weight-decay roles. The trainer in
+`colearn_jax.train` names no model, field, tokenizer or metric of any system: where it must, a hook
+belongs here. `README.md` "Adding a system" shows CLIP as the worked example.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import jax
 
-Objective = Callable[[dict, dict], tuple[jax.Array, dict]]
+# objective(outputs, batch, rngs, step) -> (scalar loss, {metric: scalar}); rngs: {stream: key}.
+Objective = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
+# transform(batch, rngs, step) -> batch, run inside the jitted step before the model (e.g. augmentation).
+BatchTransform = Callable[[dict, dict, jax.Array], dict]
+
+
+class Evaluator(Protocol):
+    """`evaluator(model, variables) -> {name: float}`; `evaluator.metrics` describes each name."""
+
+    metrics: dict  # name -> colearn_jax.evals.MetricSpec
+
+    def __call__(self, model, variables) -> dict[str, float]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DataContext:
+    """Where a process sits in the run: what a system's data hooks need besides the config."""
+
+    seed: int
+    process_index: int = 0
+    process_count: int = 1
+
+
+def _no_checks(config) -> None:
+    del config
+
+
+def _identity(params):
+    return params
+
+
+def apply_model(model, variables, batch, *, rngs, step, mutable):
+    """The default forward: `model.apply(variables, batch, train=True)` with the step's RNG streams."""
+    del step  # a system whose model needs the step (schedules inside the model) overrides this hook
+    return model.apply(variables, batch, train=True, rngs=rngs, mutable=mutable)
 
 
 @dataclasses.dataclass(frozen=True)
 class System:
     name: str
     build_model: Callable[[Any], Any]  # config -> nn.Module taking (batch, train=...)
-    make_objective: Callable[..., Objective]  # (config, mesh, rules) -> (outputs, batch) -> (loss, metrics)
-    example_batch: Callable[[Any, int], dict]  # (config, batch_size) -> dict of jax.ShapeDtypeStruct
-    constrain_params: Callable[[Any], Any] = lambda params: params  # applied after every update
-    make_evaluator: Callable[..., Callable] | None = None  # (config, mesh, rules) -> fn(model, variables) -> metrics
+    make_objective: Callable[..., Objective]  # (config, mesh, rules) -> objective
+    # (config, global_batch_size) -> {feature: jax.ShapeDtypeStruct}: the feature spec of one batch as
+    # the train iterator yields it (before `make_batch_transform`); parameters are initialised from it.
+    example_batch: Callable[[Any, int], dict]
+    # (config, DataContext) -> endless iterator of this process's rows of each global batch (numpy
+    # dicts matching example_batch). Checkpointable when it has get_state()/set_state() (grain).
+    make_train_data: Callable[[Any, DataContext], Iterator[dict]]
+    # (config, DataContext, split or None) -> one ordered pass over an eval split (with a bool "mask").
+    make_eval_data: Callable[[Any, DataContext, str | None], Iterable[dict]] | None = None
+    make_evaluator: Callable[..., Evaluator] | None = None  # (config, mesh, rules) -> Evaluator
+    describe_metrics: Callable[[Any], dict] | None = None  # config -> {name: MetricSpec} of the evaluator
+    validate_config: Callable[[Any], None] = _no_checks  # raises ValueError naming the config key
+    rng_streams: tuple[str, ...] = ("dropout",)  # drawn per step from (seed, step); see train/rng.py
+    make_batch_transform: Callable[[Any], BatchTransform] | None = None  # config -> on-device transform
+    apply_model: Callable[..., Any] = apply_model  # the forward inside the train step
+    constrain_params: Callable[[Any], Any] = _identity  # applied after every update
+    # params -> bool tree (True: decayed). None: the default by shape and role (train/optimizer.py).
+    weight_decay_mask: Callable[[Any], Any] | None = None
 
 
 _REGISTRY: dict[str, Callable[[], System]] = {}

@@ -1,8 +1,10 @@
-"""CLIP as a trainable system: tower construction from config, the contrastive objective, and eval.
+"""CLIP as a trainable system (Radford et al. 2021): towers from config, the contrastive objective,
+its image+caption data, its config checks and its evaluator — the worked example of `System`.
 
-The config layout (configs/clip.py): `config.model` {embed_dim, activation, dtype, scan, remat_policy,
-attention_impl, vision{type, ...}, text{...}, init_logit_scale, init_logit_bias}, `config.loss`
-{name: clip|siglip, gather}.
+The config layout (colearn_jax/configs/clip.py): `config.model` {embed_dim, activation, dtype, scan,
+remat_policy, attention_impl, dropout, vision{type, ...}, text{...}, init_logit_scale, init_logit_bias},
+`config.loss` {name: clip|siglip, gather}, `config.data` {name, image/text/label keys, image_size,
+context_length, tokenizer, ...}, `config.eval` {zeroshot, class_names, templates, retrieval}.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 
 from colearn_jax import sharding
 from colearn_jax.losses import contrastive
-from colearn_jax.models import System, register
+from colearn_jax.models import DataContext, System, register
 from colearn_jax.models.clip import CLIP, clamp_logit_scale
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -33,7 +35,7 @@ def build_vision_tower(m, embed_dim: int):
             image_size=v.image_size, patch_size=v.patch_size, width=v.width, num_layers=v.layers,
             num_heads=v.heads, mlp_ratio=v.get("mlp_ratio", 4.0), output_dim=embed_dim,
             activation=m.activation, pool=v.get("pool", "cls"), scan=m.scan, remat_policy=m.remat_policy,
-            attention_impl=m.attention_impl, **common,
+            attention_impl=m.attention_impl, dropout=m.get("dropout", 0.0), **common,
         )
     if v.type == "resnet":
         from colearn_jax.nn.resnet import ModifiedResNet  # noqa: PLC0415
@@ -52,7 +54,8 @@ def build_text_tower(m, embed_dim: int):
     return TextTransformer(
         vocab_size=t.vocab_size, context_length=t.context_length, width=t.width, num_layers=t.layers,
         num_heads=t.heads, mlp_ratio=t.get("mlp_ratio", 4.0), output_dim=embed_dim, activation=m.activation,
-        scan=m.scan, remat_policy=m.remat_policy, attention_impl=m.attention_impl, dtype=get_dtype(m.dtype),
+        scan=m.scan, remat_policy=m.remat_policy, attention_impl=m.attention_impl, dropout=m.get("dropout", 0.0),
+        dtype=get_dtype(m.dtype),
     )
 
 
@@ -71,13 +74,13 @@ def make_objective(config, mesh=None, rules=None):
     axes = sharding.batch_axes(rules) if rules is not None else ("data", "fsdp")
     kw = dict(gather=loss_cfg.gather, mesh=mesh, batch_axes=axes)
     if loss_cfg.name == "clip":
-        def objective(outputs, batch):
+        def objective(outputs, batch, rngs, step):
             return contrastive.clip_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], **kw)
     elif loss_cfg.name == "siglip":
         if config.model.get("init_logit_bias") is None:
             raise ValueError("config.loss.name='siglip' needs config.model.init_logit_bias (e.g. -10.0).")
 
-        def objective(outputs, batch):
+        def objective(outputs, batch, rngs, step):
             return contrastive.siglip_loss(
                 outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], outputs["logit_bias"], **kw
             )
@@ -94,10 +97,76 @@ def example_batch(config, batch_size: int) -> dict:
     }
 
 
+def tokenizer(config):
+    from colearn_jax.data import get_tokenizer  # noqa: PLC0415
+
+    return get_tokenizer(config.data.tokenizer, config.data.get("vocab_path"))
+
+
+def make_train_data(config, ctx: DataContext):
+    from colearn_jax.data import make_train_iterator  # noqa: PLC0415 (imports TFDS and grain)
+
+    return make_train_iterator(config.data, tokenizer(config), seed=ctx.seed, process_index=ctx.process_index,
+                               process_count=ctx.process_count)
+
+
+def make_eval_data(config, ctx: DataContext, split=None):
+    from colearn_jax.data import iterate_eval  # noqa: PLC0415
+
+    return iterate_eval(config.data, tokenizer(config), split=split, process_index=ctx.process_index,
+                        process_count=ctx.process_count)
+
+
+def validate_config(config) -> None:
+    """CLIP's own fields: loss name and gather mode, tower/data sizes, tokenizer vocabulary, dropout."""
+    m, d = config.model, config.data
+    if config.loss.name not in ("clip", "siglip"):
+        raise ValueError(f"config.loss.name={config.loss.name!r}; choose 'clip' or 'siglip'.")
+    if config.loss.gather not in contrastive.GATHER_MODES:
+        raise ValueError(f"config.loss.gather={config.loss.gather!r}; choose one of {contrastive.GATHER_MODES}.")
+    get_dtype(m.dtype)
+    if not 0.0 <= m.get("dropout", 0.0) < 1.0:
+        raise ValueError(f"config.model.dropout={m.dropout} must be in [0, 1).")
+    for key in ("embed_dim",):
+        if m[key] <= 0:
+            raise ValueError(f"config.model.{key}={m[key]} must be positive.")
+    if m.vision.image_size != d.image_size:
+        raise ValueError(
+            f"config.model.vision.image_size={m.vision.image_size} differs from config.data.image_size={d.image_size}."
+        )
+    if m.vision.type == "vit" and m.vision.image_size % m.vision.patch_size:
+        raise ValueError(
+            f"config.model.vision.image_size={m.vision.image_size} is not a multiple of "
+            f"config.model.vision.patch_size={m.vision.patch_size}."
+        )
+    if m.text.context_length < d.context_length:
+        raise ValueError(
+            f"config.data.context_length={d.context_length} exceeds config.model.text.context_length="
+            f"{m.text.context_length}."
+        )
+    from colearn_jax.data.tokenizers import ByteTokenizer, ClipBpeTokenizer  # noqa: PLC0415
+
+    vocab = {"byte": ByteTokenizer.vocab_size, "clip_bpe": ClipBpeTokenizer.vocab_size}.get(d.tokenizer)
+    if vocab is None:
+        raise ValueError(f"config.data.tokenizer={d.tokenizer!r}; choose 'byte' or 'clip_bpe'.")
+    if vocab > m.text.vocab_size:
+        raise ValueError(
+            f"config.model.text.vocab_size={m.text.vocab_size} is smaller than the {d.tokenizer!r} "
+            f"tokenizer's vocabulary ({vocab})."
+        )
+
+
+def describe_metrics(config):
+    from colearn_jax.evals.clip_eval import metric_specs  # noqa: PLC0415
+
+    return metric_specs(config)
+
+
 def make_evaluator(config, mesh, rules):
     from colearn_jax.evals.clip_eval import make_clip_evaluator  # noqa: PLC0415
 
-    return make_clip_evaluator(config, mesh, rules)
+    ctx = DataContext(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    return make_clip_evaluator(config, mesh, rules, eval_data=lambda split=None: make_eval_data(config, ctx, split))
 
 
 @register("clip")
@@ -107,6 +176,11 @@ def clip_system() -> System:
         build_model=build_model,
         make_objective=make_objective,
         example_batch=example_batch,
-        constrain_params=clamp_logit_scale,
+        make_train_data=make_train_data,
+        make_eval_data=make_eval_data,
         make_evaluator=make_evaluator,
+        describe_metrics=describe_metrics,
+        validate_config=validate_config,
+        rng_streams=("dropout",),
+        constrain_params=clamp_logit_scale,
     )

@@ -28,6 +28,7 @@ class TextTransformer(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     attention_impl: str | None = None
+    dropout: float = 0.0  # residual-branch dropout (draws from the "dropout" RNG stream when train=True)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -54,7 +55,7 @@ class TextTransformer(nn.Module):
         cfg = BlockConfig.clip_init(
             self.num_heads, self.width, self.num_layers,
             mlp_dim=int(self.width * self.mlp_ratio), activation=self.activation, ln_eps=self.ln_eps,
-            causal=True, attention_impl=self.attention_impl,
+            causal=True, attention_impl=self.attention_impl, dropout=self.dropout,
         )
         x = TransformerStack(
             self.num_layers, cfg, scan=self.scan, remat_policy=self.remat_policy,

@@ -31,6 +31,7 @@ class VisionTransformer(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     attention_impl: str | None = None
+    dropout: float = 0.0  # residual-branch dropout (draws from the "dropout" RNG stream when train=True)
     dtype: Any = jnp.float32
 
     @property
@@ -72,7 +73,7 @@ class VisionTransformer(nn.Module):
         cfg = BlockConfig.clip_init(
             self.num_heads, self.width, self.num_layers,
             mlp_dim=int(self.width * self.mlp_ratio), activation=self.activation, ln_eps=self.ln_eps,
-            attention_impl=self.attention_impl,
+            attention_impl=self.attention_impl, dropout=self.dropout,
         )
         x = TransformerStack(
             self.num_layers, cfg, scan=self.scan, remat_policy=self.remat_policy,
