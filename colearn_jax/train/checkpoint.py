@@ -3,7 +3,8 @@
 Layout: `<workdir>/checkpoints/<step>/{state, data, config}`. Saves are asynchronous (the device to
 host copy blocks, the write does not), keep the newest N, and are atomic: Orbax writes into a
 temporary directory and renames it when complete, so an interrupted save never replaces the last
-good checkpoint. Restoring takes an abstract state whose leaves carry the *target* shardings, so a
+good checkpoint. grain is imported only when a data iterator is saved or restored, so building and
+compiling a train step (benchmarks on synthetic batches) never needs grain. Restoring takes an abstract state whose leaves carry the *target* shardings, so a
 checkpoint written on one mesh restores onto any other (or onto one CPU, see `load`).
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -36,6 +36,8 @@ class Checkpointer:
     def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
         items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
         if data_iterator is not None:
+            import grain  # noqa: PLC0415 (lazy: see the module docstring)
+
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -43,6 +45,8 @@ class Checkpointer:
         """Restores (state, data_iterator) at `step` into the shardings carried by `abstract_state`."""
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iterator is not None:
+            import grain  # noqa: PLC0415 (lazy: see the module docstring)
+
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
