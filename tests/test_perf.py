@@ -235,7 +235,7 @@ def test_scaling_point_config_csv_and_plots(scaling, tmp_path):
 
 
 # ----------------------------------------------------------------------------- open_clip comparison
-@pytest.mark.parametrize("arch", ["small", "vit_b32"])
+@pytest.mark.parametrize("arch", ["tiny", "small", "vit_b32"])
 def test_compare_open_clip_builds_the_same_architecture(arch):
     """The side-by-side benchmark's two models have identical parameter counts (open_clip's from
     its own factory with the same model config)."""
