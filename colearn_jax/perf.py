@@ -12,6 +12,8 @@ FLOP accounting (verified on an 8-device simulated CPU mesh, jax 0.10.2; tests/t
   FLOPs of one step, the "model FLOPs" MFU wants. Rematerialised computation is part of that program
   (remat is applied when tracing), so with a remat policy it counts the recompute as well
   (closer to hardware FLOPs); `clip_train_flops` gives the analytic model FLOPs as a cross-check.
+- `step_flops` puts these together for a train step; for scanned layers (and cuDNN attention) it
+  counts an unrolled, XLA-attention twin (`flops_twin_config`), since XLA counts a loop body once.
 - MFU = global model FLOPs per step / (step time · devices · peak FLOP/s per device).
 """
 from __future__ import annotations
@@ -153,6 +155,46 @@ def device_memory_stats(devices: Sequence[Any]) -> dict[str, int | None]:
             if k in stats:
                 result[k] = max(result[k] or 0, int(stats[k]))
     return result
+
+
+# ----------------------------------------------------------------------------- FLOPs of a train step
+def flops_twin_config(config):
+    """The twin of `config` whose lowering XLA's cost analysis counts in full, or None if `config` is one.
+
+    Same model, same math, so the same FLOPs, but with the layers unrolled (`model.scan=False`: XLA
+    counts a while-loop body once, not once per trip, so a scanned stack of L layers reports about
+    1/L of its FLOPs) and XLA's own attention (`model.attention_impl=None`: a cuDNN fused-attention
+    custom call carries no FLOP count).
+    """
+    model = config.model
+    if not model.get("scan", False) and model.get("attention_impl") in (None, "xla"):
+        return None
+    twin = config.copy_and_resolve_references()
+    twin.model.scan = False
+    if "attention_impl" in twin.model:
+        twin.model.attention_impl = None
+    return twin
+
+
+def step_flops(config, lowered, compiled=None, *, lower: Callable[[Any], Any] | None = None) -> dict[str, float | None]:
+    """FLOPs of one train step of `config` (its `data.batch_size` is the global batch), in four counts:
+
+    - `flops_per_step`: global FLOPs, the one MFU uses: `Lowered.cost_analysis()` of the un-partitioned
+      step, or of its `flops_twin_config` lowered by `lower(twin_config) -> Lowered` (lowering only,
+      a few seconds; pass `lower=None` to skip the twin and report the raw count);
+    - `flops_per_step_xla_raw`: what `lowered` itself reports (scanned layers counted once);
+    - `flops_per_step_per_device_xla`: what the compiled SPMD program of one device reports;
+    - `flops_per_step_analytic`: `clip_train_flops` (3 × forward) for ViT CLIP configs, else None.
+    """
+    raw = cost_flops(lowered)
+    twin = flops_twin_config(config) if lower is not None else None
+    return {
+        "flops_per_step": cost_flops(lower(twin)) if twin is not None else raw,
+        "flops_per_step_xla_raw": raw,
+        "flops_per_step_per_device_xla": cost_flops(compiled) if compiled is not None else None,
+        "flops_per_step_analytic": (clip_train_flops(config, config.data.batch_size)
+                                    if config.model.get("name") == "clip" else None),
+    }
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs

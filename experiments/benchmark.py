@@ -174,50 +174,44 @@ def lower_train_step(config, *, devices=None, batch_size: int | None = None, com
                 compiled=compiled, lower_s=t_lower.seconds, compile_s=t_compile.seconds, dp=program.dp)
 
 
-def unscanned_step_flops(config, *, devices=None) -> float | None:
-    """Global XLA FLOPs of the step with `model.scan=False`, from lowering alone (no compile).
-
-    XLA's HLO cost analysis counts a while-loop body once, not once per trip, so a scanned stack of
-    L layers reports about 1/L of its FLOPs (vit_b16: 2.76 vs 31.7 TFLOPs per step at batch 256).
-    Lowering the unrolled twin costs a few seconds and gives the true count.
-    """
-    config = config.copy_and_resolve_references()
-    config.model.scan = False
-    return perf.cost_flops(lower_train_step(config, devices=devices, compile=False)["lowered"])
-
-
 def analyze_step(parts: dict, peak_per_device: float | None = None, *, count_unscanned: bool = True) -> dict:
     """FLOPs and memory of a lowered+compiled step (no execution).
 
-    flops_per_step: global XLA FLOPs of the un-partitioned step (of its unscanned twin when
-    model.scan is on, see `unscanned_step_flops`); flops_per_step_xla_raw: what the lowered program
-    itself reports; flops_per_step_per_device_xla: what the compiled SPMD program reports (per device).
+    FLOPs from `perf.step_flops`: flops_per_step is the global XLA count of the un-partitioned step,
+    taken from its unrolled twin (lowered, not compiled) when model.scan is on or attention is
+    cuDNN's: XLA counts a scanned stack of L layers about 1/L times (vit_b16 at batch 256: 2.76 vs
+    31.7 TFLOPs per step). `count_unscanned=False` skips the twin and reports the raw count.
+    flops_per_step_xla_raw: what the lowered program itself reports; flops_per_step_per_device_xla:
+    what the compiled SPMD program of one device reports.
     """
     config, mesh = parts["config"], parts["mesh"]
-    n = mesh.size
-    flops_raw = perf.cost_flops(parts["lowered"])
-    flops_global = flops_raw
-    if count_unscanned and config.model.get("scan", False):
-        flops_global = unscanned_step_flops(config, devices=list(mesh.devices.flat))
-    flops_dev = perf.cost_flops(parts["compiled"])
-    analytic = perf.clip_train_flops(config, config.data.batch_size) if config.model.name == "clip" else None
+    devices = list(mesh.devices.flat)
+    lower = (lambda c: lower_train_step(c, devices=devices, compile=False)["lowered"]) if count_unscanned else None
     return {
         "global_batch": config.data.batch_size,
-        "devices": n,
+        "devices": mesh.size,
         "mesh": dict(mesh.shape),
         "sharding": config.sharding if isinstance(config.sharding, str) else "custom",
         "dtype": config.model.dtype,
         "scan": bool(config.model.get("scan", False)),
         "remat_policy": config.model.get("remat_policy", "none"),
+        "attention_impl": config.model.get("attention_impl") or "xla",
         "lower_s": parts["lower_s"],
         "compile_s": parts["compile_s"],
-        "flops_per_step": flops_global,
-        "flops_per_step_xla_raw": flops_raw,
-        "flops_per_step_per_device_xla": flops_dev,
-        "flops_per_step_analytic": analytic,
+        **perf.step_flops(config, parts["lowered"], parts["compiled"], lower=lower),
         "peak_tflops_per_device": peak_per_device / 1e12 if peak_per_device else None,
         "memory": perf.memory_analysis(parts["compiled"]),
     }
+
+
+def compile_only_report(config, *, batch_size: int | None = None, peak_tflops: float | None = None) -> dict:
+    """`--compile_only` of this script and of experiments/train.py: lowers and compiles the train step
+    (nothing is allocated) and returns {"mode": "compile_only", "env": ..., "result": analyze_step(...)}:
+    global FLOPs per step and the per-device memory plan."""
+    parts = lower_train_step(config, batch_size=batch_size)
+    kind = next(iter(parts["mesh"].devices.flat)).device_kind
+    result = analyze_step(parts, resolve_peak(kind, parts["config"].model.dtype, peak_tflops))
+    return {"mode": "compile_only", "env": environment(), "result": result}
 
 
 def resolve_peak(device_kind: str, dtype: str, peak_tflops: float | None) -> float | None:
@@ -529,14 +523,11 @@ def main(argv):
         return
 
     if FLAGS.compile_only:
-        parts = lower_train_step(config, batch_size=FLAGS.batch_size or None)
-        devs = list(parts["mesh"].devices.flat)
-        result = analyze_step(parts, resolve_peak(devs[0].device_kind, parts["config"].model.dtype,
-                                                  FLAGS.peak_tflops or None))
+        report = compile_only_report(config, batch_size=FLAGS.batch_size or None, peak_tflops=FLAGS.peak_tflops or None)
         if main_process:
             print(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), jax {env['jax']} — compile only")
-            print(format_result(result))
-            _write(FLAGS.out, {"mode": "compile_only", "env": env, "result": result})
+            print(format_result(report["result"]))
+            _write(FLAGS.out, report)
         return
 
     result = benchmark_train_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup, batch_size=FLAGS.batch_size or None,

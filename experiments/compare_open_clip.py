@@ -4,12 +4,15 @@
   python experiments/compare_open_clip.py --rounds=10 --steps_per_round=5 --out=/tmp/vs_open_clip.json
   python experiments/compare_open_clip.py --device=cuda --arch=vit_b16 --batch_size=256 \
       --dtype=bfloat16 --attention_impl=cudnn                     # on a GPU host (see below)
+  python experiments/compare_open_clip.py --sides=open_clip --device=cuda --arch=vit_b16 \
+      --batch_size=256 --dtype=bfloat16                           # open_clip alone (experiments/gpu_suite.sh)
 
 Both sides build the same model from scratch (random init). `--arch=small` (default): a ViT image
 tower (64 px, patch 8, width 256, 6 layers, 4 heads, MLP 4×, class token, ln_pre/ln_post, bias-free
 projection) and a causal text tower (vocab 49408, context 77, width 256, 6 layers, 4 heads,
 argmax/EOT pooling), embed 256; `--arch=vit_b32` / `vit_b16`: open_clip's ViT-B-32 / ViT-B-16 at
-224 px with the 12-layer 512-wide text tower. Exact GELU, CLIP's symmetric InfoNCE with a learnable temperature clamped to [0, ln 100],
+224 px with the 12-layer 512-wide text tower; `--arch=tiny`: configs/clip.py:tiny (for smoke runs;
+pass --context_length=24). Exact GELU, CLIP's symmetric InfoNCE with a learnable temperature clamped to [0, ln 100],
 AdamW (lr 5e-4, β=(0.9, 0.98), eps 1e-6, weight decay 0.2 on ≥2-D weights only), no grad clipping.
 open_clip's model comes from `open_clip.create_model` with that config registered via
 `open_clip.add_model_config`; its step is open_clip's own (`ClipLoss`, `torch.optim.AdamW` defaults,
@@ -26,7 +29,13 @@ buffer afresh every step (the table's "page faults/step" column shows it).
 Threads: XLA's CPU backend runs on all host cores; torch gets `torch.set_num_threads(os.cpu_count())`
 (override with --threads). Parameter counts of both models are printed as an architecture check.
 On a GPU host pass --device=cuda (torch) — JAX picks the GPU by itself; compare at bf16 with
---dtype=bfloat16 (colearn compute dtype; torch autocast bf16).
+--dtype=bfloat16 (colearn compute dtype; torch autocast bf16, i.e. open_clip's `--precision amp_bf16`).
+
+`--sides=open_clip` (or `colearn_jax`) times one side alone, with no alternation: on a GPU the two
+runtimes' caching allocators would otherwise hold both peaks at once (JAX preallocates 75 % of the
+GPU), and JAX is never started in an open_clip-only run. The JSON then has that side's summary only
+(`ratio` is null); each side's summary carries its device, peak device memory (CUDA) and MFU from
+the analytic model FLOPs (`perf.clip_train_flops`) where the chip's peak is known.
 """
 from __future__ import annotations
 
@@ -50,6 +59,9 @@ ARCHS = {
     # The CPU comparison: a small ViT CLIP.
     "small": dict(image_size=64, patch_size=8, vision_width=256, vision_layers=6, vision_heads=4,
                   text_width=256, text_layers=6, text_heads=4, vocab_size=49408, embed_dim=256),
+    # = configs/clip.py:tiny (context 24), for smoke runs of experiments/gpu_suite.sh.
+    "tiny": dict(image_size=16, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+                 text_width=32, text_layers=2, text_heads=2, vocab_size=384, embed_dim=16),
     # The paper sizes (open_clip's ViT-B-32 / ViT-B-16 configs), for GPU hosts.
     "vit_b32": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12, **_TEXT_B),
     "vit_b16": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12, **_TEXT_B),
@@ -68,6 +80,7 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_enum("attention_impl", None, ["xla", "cudnn"], "colearn_jax attention kernel (cudnn: GPU).")
     flags.DEFINE_enum("arch", "small", list(ARCHS), "Architecture (both sides).")
     flags.DEFINE_bool("host_malloc", True, "Apply colearn_jax.host_memory.configure_allocator() (both sides).")
+    flags.DEFINE_list("sides", ["colearn_jax", "open_clip"], "Sides to time: both alternate; one runs alone.")
 FLAGS = flags.FLAGS
 
 
@@ -124,6 +137,7 @@ class OpenClipSide:
             lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
         self.autocast = dtype == "bfloat16"
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.device_kind = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.batches = []
         for seed in range(2):
             images, ids = synthetic_data(arch, batch_size, context_length, seed)
@@ -146,6 +160,10 @@ class OpenClipSide:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return float(loss.detach())
+
+    def peak_memory_bytes(self) -> int | None:
+        """The CUDA caching allocator's peak of allocated bytes; None on the CPU."""
+        return int(self.torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- colearn_jax side
@@ -192,6 +210,7 @@ class ColearnSide:
         from colearn_jax import sharding  # noqa: PLC0415
 
         self.jax = jax
+        self.device_kind = jax.devices()[0].device_kind
         config = make_colearn_config(arch, batch_size, context_length, dtype, attention_impl)
         parts = benchmark.lower_train_step(config, devices=jax.devices()[:1])
         self.compile_s = parts["lower_s"] + parts["compile_s"]
@@ -211,6 +230,12 @@ class ColearnSide:
         self.i += 1
         self.state, metrics = self.compiled(self.state, batch)
         return float(self.jax.block_until_ready(metrics)["loss"])
+
+    def peak_memory_bytes(self) -> int | None:
+        """The device allocator's peak bytes in use (GPU/TPU); None on the CPU."""
+        from colearn_jax import perf  # noqa: PLC0415
+
+        return perf.device_memory_stats(self.jax.devices()[:1])["peak_bytes_in_use"]
 
 
 # ----------------------------------------------------------------------------- the race
@@ -237,9 +262,40 @@ def race(sides, *, rounds: int, steps_per_round: int, warmup: int, pause_s: floa
     return times, {name: faults[name] / max(len(ts), 1) for name, ts in times.items()}
 
 
+def make_sides(names, arch, batch_size, context_length, dtype, *, device, threads, attention_impl=None):
+    """The sides named in `names` (colearn_jax, open_clip), in that order."""
+    makers = {
+        "colearn_jax": lambda: ColearnSide(arch, batch_size, context_length, dtype, attention_impl),
+        "open_clip": lambda: OpenClipSide(arch, batch_size, context_length, dtype, device, threads),
+    }
+    unknown = [n for n in names if n not in makers]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"--sides={','.join(names)}: name each of {sorted(makers)} at most once.")
+    return [makers[n]() for n in names]
+
+
+def summarize(sides, times, faults, batch_size: int, train_flops: float | None, dtype: str) -> dict:
+    """Per side: step-time stats, examples/s, page faults/step, device, peak device memory and MFU
+    from the analytic model FLOPs (None where the chip's peak FLOP/s is unknown, e.g. a CPU)."""
+    from colearn_jax import perf  # noqa: PLC0415
+
+    summary = {}
+    for side in sides:
+        ts = times[side.name]
+        med = statistics.median(ts)
+        summary[side.name] = {
+            "median_step_s": med, "min_step_s": min(ts), "max_step_s": max(ts), "n": len(ts),
+            "examples_per_s": batch_size / med, "page_faults_per_step": faults[side.name],
+            "device_kind": side.device_kind, "num_params": side.num_params,
+            "peak_memory_bytes": side.peak_memory_bytes(),
+            "mfu_analytic": perf.mfu(train_flops, med, 1, perf.peak_flops(side.device_kind, dtype)),
+        }
+    return summary
+
+
 def main(argv):
     del argv
-    from colearn_jax import host_memory  # noqa: PLC0415
+    from colearn_jax import host_memory, perf  # noqa: PLC0415
 
     # Before JAX (or torch) starts: glibc serves both sides from one heap that keeps freed memory, so
     # XLA's per-step scratch buffer is not page-faulted in again every step (host_memory docstring).
@@ -248,41 +304,50 @@ def main(argv):
     b, ctx = FLAGS.batch_size, FLAGS.context_length
     load_before = os.getloadavg()[0]
     arch = ARCHS[FLAGS.arch]
-    colearn = ColearnSide(arch, b, ctx, FLAGS.dtype, FLAGS.attention_impl)
-    torch_side = OpenClipSide(arch, b, ctx, FLAGS.dtype, FLAGS.device, threads)
-    print(f"parameters: colearn_jax {colearn.num_params:,}  open_clip {torch_side.num_params:,}"
-          f"  (colearn compile {colearn.compile_s:.1f} s)")
-    if colearn.num_params != torch_side.num_params:
+    sides = make_sides(FLAGS.sides, arch, b, ctx, FLAGS.dtype, device=FLAGS.device, threads=threads,
+                       attention_impl=FLAGS.attention_impl)
+    by_name = {s.name: s for s in sides}
+    colearn = by_name.get("colearn_jax")
+    print("parameters: " + "  ".join(f"{s.name} {s.num_params:,}" for s in sides)
+          + (f"  (colearn compile {colearn.compile_s:.1f} s)" if colearn else ""))
+    if len({s.num_params for s in sides}) > 1:
         print("WARNING: parameter counts differ; the architectures are not identical.")
-    times, faults = race([colearn, torch_side], rounds=FLAGS.rounds, steps_per_round=FLAGS.steps_per_round,
-                         warmup=FLAGS.warmup)
+    times, faults = race(sides, rounds=FLAGS.rounds, steps_per_round=FLAGS.steps_per_round, warmup=FLAGS.warmup)
     load_after = os.getloadavg()[0]
-    import jax  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    from colearn_jax import perf  # noqa: PLC0415
-
-    summary = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        summary[name] = {"median_step_s": med, "min_step_s": min(ts), "max_step_s": max(ts), "n": len(ts),
-                         "examples_per_s": b / med, "page_faults_per_step": faults[name]}
-    ratio = summary["colearn_jax"]["examples_per_s"] / summary["open_clip"]["examples_per_s"]
+    train_flops = perf.clip_train_flops(make_colearn_config(arch, b, ctx, FLAGS.dtype), b)
+    summary = summarize(sides, times, faults, b, train_flops, FLAGS.dtype)
     rows = [(n, f"{1e3 * s['median_step_s']:.1f}", f"{1e3 * s['min_step_s']:.1f}..{1e3 * s['max_step_s']:.1f}",
-             f"{s['examples_per_s']:.1f}", f"{s['page_faults_per_step']:,.0f}", s["n"]) for n, s in summary.items()]
+             f"{s['examples_per_s']:.1f}", f"{s['page_faults_per_step']:,.0f}", perf.fmt_pct(s["mfu_analytic"]),
+             perf.fmt_bytes(s["peak_memory_bytes"]), s["n"]) for n, s in summary.items()]
     print(perf.format_table(rows, ("side", "median step ms", "min..max ms", "examples/s", "page faults/step",
-                                   "timed steps")))
-    print(f"ratio colearn_jax / open_clip examples/s: {ratio:.2f}x")
-    gflops = colearn.flops_per_step / 1e9 if colearn.flops_per_step else None
-    print(f"(step = {perf.fmt_num(gflops, 1)} GFLOPs by XLA; batch {b}, {FLAGS.dtype}, torch threads {threads}, "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__}; "
+                                   "MFU (analytic)", "peak device memory", "timed steps")))
+    ratio = None
+    if len(summary) == 2:
+        ratio = summary["colearn_jax"]["examples_per_s"] / summary["open_clip"]["examples_per_s"]
+        print(f"ratio colearn_jax / open_clip examples/s: {ratio:.2f}x")
+    versions = {}
+    if colearn:
+        import jax  # noqa: PLC0415  (only when the colearn side ran: an open_clip-only run never starts JAX)
+
+        versions["jax"] = jax.__version__
+    if "open_clip" in by_name:
+        import open_clip  # noqa: PLC0415
+        import torch  # noqa: PLC0415
+
+        versions.update(torch=torch.__version__, open_clip=open_clip.__version__)
+    flops = colearn.flops_per_step if colearn else None
+    print(f"(step = {perf.fmt_num(flops / 1e9 if flops else None, 1)} GFLOPs by XLA, "
+          f"{perf.fmt_num(train_flops / 1e9 if train_flops else None, 1)} analytic; batch {b}, {FLAGS.dtype}, "
+          f"torch threads {threads}, {versions} on {sorted({s.device_kind for s in sides})}; "
           f"load avg {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs; host malloc {malloc})")
-    payload = {"batch_size": b, "context_length": ctx, "dtype": FLAGS.dtype, "threads": threads,
-               "arch": {"name": FLAGS.arch, **arch},
-               "params": {"colearn_jax": colearn.num_params, "open_clip": torch_side.num_params},
-               "summary": summary, "ratio": ratio, "flops_per_step": colearn.flops_per_step,
-               "host_malloc": malloc, "times": times, "loadavg": [load_before, load_after], "jax": jax.__version__, "torch": torch.__version__}
+    payload = {"mode": "compare_open_clip", "sides": list(FLAGS.sides), "batch_size": b, "context_length": ctx,
+               "dtype": FLAGS.dtype, "threads": threads, "device": FLAGS.device,
+               "attention_impl": FLAGS.attention_impl, "arch": {"name": FLAGS.arch, **arch},
+               "params": {n: s.num_params for n, s in by_name.items()},
+               "summary": summary, "ratio": ratio, "flops_per_step": flops, "flops_per_step_analytic": train_flops,
+               "host_malloc": malloc, "times": times, "loadavg": [load_before, load_after], **versions}
     if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {FLAGS.out}")

@@ -6,7 +6,11 @@
 
 Running the same command again resumes from the newest checkpoint in <workdir>/checkpoints.
 SIGTERM / Ctrl-C save a checkpoint and exit cleanly. `--compile_only` lowers and compiles the train
-step from abstract shapes (nothing is allocated) and prints its FLOPs and memory footprint.
+step from abstract shapes (nothing is allocated) and prints the same JSON as
+`experiments/benchmark.py --compile_only` (`{"mode", "env", "result"}`): `result.flops_per_step` is the
+global XLA FLOPs of one step (every layer of a scanned stack counted, see `perf.step_flops`),
+`result.flops_per_step_per_device_xla` the compiled per-device count, `result.memory` the per-device
+memory plan; a readable table goes to stderr.
 On a TPU pod slice or multi-GPU hosts, pass --multihost (calls jax.distributed.initialize()).
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # experiments/benchmark.py for --compile_only
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:digits.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard logs go.")
@@ -50,16 +55,12 @@ def main(argv):
     from colearn_jax.train import loop  # noqa: PLC0415
 
     if _COMPILE_ONLY.value:
-        from colearn_jax import perf  # noqa: PLC0415
+        import benchmark  # noqa: PLC0415 (experiments/benchmark.py: one FLOP/memory accounting for both scripts)
 
-        compiled, _ = loop.compile_train_step(config)
-        mem = perf.memory_analysis(compiled)
-        report = {
-            "devices": jax.device_count(),
-            "flops_per_step": perf.cost_flops(compiled),
-            **{f"{field}_bytes_per_device": mem[f"{field}_bytes"] for field in ("argument", "temp", "output")},
-        }
-        print(json.dumps(report, indent=2))
+        report = benchmark.compile_only_report(config)
+        if jax.process_index() == 0:
+            print(benchmark.format_result(report["result"]), file=sys.stderr)
+            print(json.dumps(report, indent=2, default=str))
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (unless --compile_only).")

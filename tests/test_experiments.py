@@ -53,13 +53,35 @@ def test_evaluate_script_on_checkpoint(digits_run):
     assert metrics["zeroshot_top1"] == pytest.approx(last["eval/zeroshot_top1"], abs=1e-6)
 
 
+def _compile_only(*args):
+    """experiments/train.py --compile_only: its JSON report (the same as benchmark.py --compile_only)."""
+    report = json.loads(_run(["experiments/train.py", *args, "--num_cpu_devices=8", "--compile_only"]))
+    assert report["mode"] == "compile_only" and report["env"]["device_count"] == 8
+    return report["result"]
+
+
 def test_vit_b16_fsdp_compiles_from_the_command_line():
-    out = _run(["experiments/train.py", "--config=configs/clip.py:vit_b16", "--config.sharding=fsdp",
-                "--config.mesh.data=-1", "--num_cpu_devices=8", "--compile_only"])
-    report = json.loads(out[out.index("{"):])
-    assert report["devices"] == 8
+    r = _compile_only("--config=configs/clip.py:vit_b16", "--config.sharding=fsdp", "--config.mesh.data=-1")
+    assert r["devices"] == 8 and r["scan"]
     # FSDP: each device holds about 1/8 of the 150M float32 params (+ AdamW moments) as arguments.
-    assert report["argument_bytes_per_device"] < 150e6 * 4 * 3 / 8 * 1.2
+    assert r["memory"]["argument_bytes"] < 150e6 * 4 * 3 / 8 * 1.2
+    # Global FLOPs of the whole step (every scanned layer counted): about the analytic model FLOPs.
+    assert 0.95 < r["flops_per_step"] / r["flops_per_step_analytic"] < 1.1
+
+
+def test_compile_only_reports_global_flops_of_scanned_stack():
+    """XLA counts a scanned layer stack's loop body once; --compile_only must report the global
+    FLOPs of every layer, equal to the unrolled config's, not the per-device or loop-body count."""
+    scanned, unrolled = (_compile_only("--config=configs/clip.py:tiny", f"--config.model.scan={scan}")
+                         for scan in (True, False))
+    assert scanned["scan"] and not unrolled["scan"]
+    assert scanned["flops_per_step"] == pytest.approx(unrolled["flops_per_step"], rel=1e-3)
+    assert scanned["flops_per_step_xla_raw"] < 0.75 * scanned["flops_per_step"]  # the loop body counted once
+    for r in (scanned, unrolled):
+        # Global, not per device: 8 data-parallel devices each run 1/8 of the batch (plus the
+        # replicated optimizer update, so per device x 8 over-counts a little when nothing is scanned).
+        assert r["flops_per_step"] > 0.8 * 8 * r["flops_per_step_per_device_xla"], r
+        assert 0.95 < r["flops_per_step"] / r["flops_per_step_analytic"] < 1.3, r
 
 
 def test_unknown_config_key_is_named():

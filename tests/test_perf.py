@@ -90,6 +90,42 @@ def test_cost_analysis_compiled_is_per_device_lowered_is_global():
     assert mem["peak_estimate_bytes"] >= mem["argument_bytes"]
 
 
+def test_flops_twin_unrolls_scan_and_uses_xla_attention():
+    plain = load_config("clip.py:tiny")
+    assert perf.flops_twin_config(plain) is None  # unrolled, XLA attention: counted as it is
+    b16 = load_config("clip.py:vit_b16")
+    b16.unlock()
+    b16.model.attention_impl = "cudnn"
+    twin = perf.flops_twin_config(b16)
+    assert twin.model.scan is False and twin.model.attention_impl is None
+    assert b16.model.scan is True and b16.model.attention_impl == "cudnn"  # the original is untouched
+    assert twin.model.vision.to_dict() == b16.model.vision.to_dict() and twin.data.batch_size == b16.data.batch_size
+
+
+def test_step_flops_counts_the_twin_when_scanned():
+    class Stage:  # stands in for a Lowered / Compiled stage
+        def __init__(self, flops):
+            self.flops = flops
+
+        def cost_analysis(self):
+            return {"flops": self.flops}
+
+    lowered_configs = []
+
+    def lower(config):
+        lowered_configs.append(config)
+        return Stage(100.0)
+
+    scanned = load_config("clip.py:tiny")
+    scanned.unlock()
+    scanned.model.scan = True
+    r = perf.step_flops(scanned, Stage(40.0), Stage(5.0), lower=lower)
+    assert (r["flops_per_step"], r["flops_per_step_xla_raw"], r["flops_per_step_per_device_xla"]) == (100.0, 40.0, 5.0)
+    assert [c.model.scan for c in lowered_configs] == [False]
+    assert r["flops_per_step_analytic"] == perf.clip_train_flops(scanned, scanned.data.batch_size)
+    assert perf.step_flops(scanned, Stage(40.0), lower=None)["flops_per_step"] == 40.0  # twin skipped
+
+
 def test_time_steps_counts_only_steady_state():
     calls = []
 
@@ -199,7 +235,7 @@ def test_scaling_point_config_csv_and_plots(scaling, tmp_path):
 
 
 # ----------------------------------------------------------------------------- open_clip comparison
-@pytest.mark.parametrize("arch", ["small", "vit_b32"])
+@pytest.mark.parametrize("arch", ["tiny", "small", "vit_b32"])
 def test_compare_open_clip_builds_the_same_architecture(arch):
     """The side-by-side benchmark's two models have identical parameter counts (open_clip's from
     its own factory with the same model config)."""

@@ -27,10 +27,15 @@ ITEMS = ("model", "train", "data", "config")
 
 
 def _item_handlers() -> dict:
-    import grain  # noqa: PLC0415
+    handlers = dict(model=ocp.PyTreeCheckpointHandler(), train=ocp.PyTreeCheckpointHandler(),
+                    config=ocp.JsonCheckpointHandler())
+    try:  # the data position; grain is absent on inference-only installs (e.g. a bare GPU image)
+        import grain  # noqa: PLC0415
 
-    return dict(model=ocp.PyTreeCheckpointHandler(), train=ocp.PyTreeCheckpointHandler(),
-                config=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
+        handlers["data"] = grain.checkpoint.CheckpointHandler()
+    except ImportError:
+        pass
+    return handlers
 
 
 def _save(tree):

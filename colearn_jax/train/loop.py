@@ -44,13 +44,6 @@ def setup_compilation_cache(cache_dir: str):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def compile_train_step(config, *, devices=None, batch_size: int | None = None):
-    """Lowers and compiles the train step from abstract shapes only (no parameters are allocated).
-    Returns (compiled, lowered); used by `experiments/train.py --compile_only`."""
-    lowered = TrainProgram.build(config, devices=devices).lower(batch_size)
-    return lowered.compile(), lowered
-
-
 def metric_specs(config) -> dict:
     """{name: MetricSpec} of the system's evaluator, without building it (for summaries and plots)."""
     from colearn_jax.models import get_system  # noqa: PLC0415

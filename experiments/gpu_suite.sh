@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# GPU benchmark suite: CLIP ViT-B/16 and ViT-B/32 bf16 train steps on one GPU (H100 or H200), in
+# under 8 minutes. colearn_jax (experiments/benchmark.py: step time, examples/s, MFU, memory) with
+# XLA vs cuDNN attention and remat none vs dots, and open_clip's same step
+# (experiments/compare_open_clip.py --sides=open_clip, torch autocast bf16), global batch 256.
+#
+# Device call (the GPU image lacks ml_collections and open_clip_torch; prepare their wheels once
+# here with `bash experiments/gpu_wheels.sh`, which fills the git-ignored .whl/):
+#
+#   run(command="bash experiments/gpu_suite.sh", carry=[".whl"], timeout_s=540)
+#
+# What comes back in $OUT (4 files): gpu_table.md (the section to append to experiments/RESULTS.md),
+# gpu_results.json (every cell: metrics or the reason it has none), gpu_suite.log (this script's
+# output) and gpu_suite.tar.gz (per-cell JSONs and logs, cells.tsv, meta.json, nvidia-smi).
+# Without $OUT they go to $GPU_SUITE_OUT (default ./gpu_suite_out, git-ignored).
+#
+# Memory: ViT-B/16 at batch 256 without remat is the tight cell. XLA:CPU plans 85 GiB for it (36 GiB
+# with remat `dots`; `benchmark.py --compile_only`); the GPU plan should be smaller (native bf16, no
+# f32 copies of activations, and cuDNN attention keeps no probabilities) but is unmeasured. If it
+# does not fit, that cell reads "n/a (... RESOURCE_EXHAUSTED ...)" and the `dots` cell stands.
+#
+# Robustness: every cell is its own process under `timeout`, with its own log; a cell that fails,
+# runs out of memory or times out reads "n/a (reason)" in the table and the next cell runs. The
+# cells run most important first; once the wall budget (GPU_SUITE_BUDGET_S, default 450 s from the
+# start) leaves less than GPU_SUITE_MIN_CELL_S (default 40 s), the remaining cells are skipped, and
+# the table is written whatever happened.
+#
+# CPU dry run of the whole pipeline (configs/clip.py:tiny, batch 32, open_clip at the same tiny size on
+# the CPU; the cuDNN cell fails there by design and shows the n/a path; a minute or two):
+#
+#   GPU_SUITE_SMOKE=1 bash experiments/gpu_suite.sh
+#
+# Other knobs: GPU_SUITE_CELLS (comma-separated cell names to run; default all), GPU_SUITE_STEPS
+# (timed steps, default 20), GPU_SUITE_CELL_TIMEOUT_S (default 150), GPU_SUITE_SITE (wheel target,
+# default /tmp/site), GPU_SUITE_KEEP_WORK=1 (keep the work directory), GPU_SUITE_COMMIT (the commit
+# named in the table, where the copy has no .git), PYTHON (default python3).
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+START=$(date +%s)
+SMOKE=${GPU_SUITE_SMOKE:-0}
+PY=${PYTHON:-python3}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
+DEST=${OUT:-${GPU_SUITE_OUT:-gpu_suite_out}}
+mkdir -p "$WORK/logs" "$DEST"
+exec > >(tee "$WORK/gpu_suite.log") 2>&1
+
+# ----------------------------------------------------------------------------- wheels
+SITE=${GPU_SUITE_SITE:-$([ "$SMOKE" = 1 ] && echo "$WORK/site" || echo /tmp/site)}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" \
+    || echo "WARNING: installing .whl/*.whl failed; cells that need ml_collections or open_clip will fail"
+else
+  echo "WARNING: no .whl/*.whl (run experiments/gpu_wheels.sh here first); using the installed packages"
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+# ----------------------------------------------------------------------------- settings
+BUDGET_S=${GPU_SUITE_BUDGET_S:-450}
+MIN_CELL_S=${GPU_SUITE_MIN_CELL_S:-40}
+CELL_TIMEOUT_S=${GPU_SUITE_CELL_TIMEOUT_S:-150}
+STEPS=${GPU_SUITE_STEPS:-20}
+WARMUP=5
+if [ "$SMOKE" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  STEPS=${GPU_SUITE_STEPS:-2}; WARMUP=1
+  TORCH_DEVICE=cpu
+  # name | side | model (configs/clip.py preset = compare_open_clip --arch) | attention | remat | batch
+  ALL_CELLS="tiny_xla_none|colearn_jax|tiny|xla|none|32
+tiny_open_clip|open_clip|tiny|torch|none|32
+tiny_cudnn_none|colearn_jax|tiny|cudnn|none|32
+tiny_xla_dots|colearn_jax|tiny|xla|dots|32"
+else
+  TORCH_DEVICE=cuda
+  # Most important first: the budget guard drops cells from the end.
+  ALL_CELLS="b16_cudnn_none|colearn_jax|vit_b16|cudnn|none|256
+b16_xla_none|colearn_jax|vit_b16|xla|none|256
+b16_open_clip|open_clip|vit_b16|torch|none|256
+b32_cudnn_none|colearn_jax|vit_b32|cudnn|none|256
+b32_xla_none|colearn_jax|vit_b32|xla|none|256
+b32_open_clip|open_clip|vit_b32|torch|none|256
+b16_cudnn_dots|colearn_jax|vit_b16|cudnn|dots|256
+b32_cudnn_dots|colearn_jax|vit_b32|cudnn|dots|256
+b16_xla_dots|colearn_jax|vit_b16|xla|dots|256
+b32_xla_dots|colearn_jax|vit_b32|xla|dots|256"
+fi
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# ----------------------------------------------------------------------------- one cell
+cell_command() {  # side model attention remat batch json -> the command line, one word per line
+  local side=$1 model=$2 attention=$3 remat=$4 batch=$5 json=$6
+  if [ "$side" = colearn_jax ]; then
+    printf '%s\n' "$PY" experiments/benchmark.py "--config=configs/clip.py:$model" "--batch_size=$batch" \
+      --config.model.dtype=bfloat16 "--config.model.remat_policy=$remat" "--steps=$STEPS" "--warmup=$WARMUP" \
+      "--out=$json"
+    [ "$attention" = cudnn ] && echo --config.model.attention_impl=cudnn
+  else
+    local context=77
+    [ "$model" = tiny ] && context=24
+    printf '%s\n' "$PY" experiments/compare_open_clip.py --sides=open_clip "--device=$TORCH_DEVICE" \
+      --dtype=bfloat16 "--arch=$model" "--batch_size=$batch" "--context_length=$context" \
+      --rounds=4 "--steps_per_round=$(( (STEPS + 3) / 4 ))" "--warmup=$WARMUP" "--out=$json"
+  fi
+  return 0
+}
+
+record() {  # name side model attention remat batch rc seconds status note
+  local IFS=$'\t'
+  echo "$*" >>"$WORK/cells.tsv"
+}
+
+run_cell() {  # one line of ALL_CELLS
+  local name side model attention remat batch
+  IFS='|' read -r name side model attention remat batch <<<"$1"
+  local left=$(( BUDGET_S - $(elapsed) ))
+  if [ "$left" -lt "$MIN_CELL_S" ]; then
+    echo "[$(elapsed) s] $name: skipped (${left} s of the ${BUDGET_S} s budget left)"
+    record "$name" "$side" "$model" "$attention" "$remat" "$batch" "" 0 skipped \
+      "suite budget spent: ${left} s of ${BUDGET_S} s left"
+    return
+  fi
+  local limit=$(( CELL_TIMEOUT_S < left ? CELL_TIMEOUT_S : left ))
+  local cmd
+  mapfile -t cmd < <(cell_command "$side" "$model" "$attention" "$remat" "$batch" "$WORK/$name.json")
+  echo "[$(elapsed) s] $name (limit ${limit} s): ${cmd[*]}"
+  local t0=$(date +%s)
+  # JAX preallocates 75 % of the GPU by default; let a colearn cell use up to 90 %.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout --kill-after=10 "$limit" "${cmd[@]}" >"$WORK/logs/$name.log" 2>&1
+  local rc=$? seconds=$(( $(date +%s) - t0 )) status=ok
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status=timeout
+  elif [ "$rc" != 0 ] || [ ! -s "$WORK/$name.json" ]; then status=failed; fi
+  echo "[$(elapsed) s] $name: $status (rc $rc, ${seconds} s)"
+  [ "$status" = ok ] || tail -n 3 "$WORK/logs/$name.log" | sed 's/^/    /'
+  record "$name" "$side" "$model" "$attention" "$remat" "$batch" "$rc" "$seconds" "$status" ""
+}
+
+# ----------------------------------------------------------------------------- the run
+printf 'cell\tside\tmodel\tattention\tremat\tbatch\trc\tseconds\tstatus\tnote\n' >"$WORK/cells.tsv"
+(nvidia-smi || echo "no nvidia-smi") >"$WORK/logs/nvidia-smi.log" 2>&1
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+VERSIONS=$($PY - <<'EOF' 2>/dev/null
+import importlib.metadata as md
+names = ("jax", "jaxlib", "flax", "torch", "open_clip_torch")
+out = []
+for n in names:
+    try:
+        out.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        pass
+print(", ".join(out))
+EOF
+)
+COMMIT=${GPU_SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+$PY - "$WORK/meta.json" "$SMOKE" "${GPU_NAME:-}" "$COMMIT" "$VERSIONS" <<'EOF'
+import datetime, json, sys
+path, smoke, gpu, commit, versions = sys.argv[1:]
+with open(path, "w") as f:
+    json.dump({"date": datetime.date.today().isoformat(), "smoke": int(smoke), "gpu": gpu or None,
+               "commit": commit, "versions": versions}, f, indent=2)
+EOF
+echo "gpu_suite: smoke=$SMOKE gpu='${GPU_NAME:-none}' budget ${BUDGET_S} s, work dir $WORK; $VERSIONS"
+
+while IFS= read -r line; do
+  [ -n "$line" ] || continue
+  name=${line%%|*}
+  if [ -n "${GPU_SUITE_CELLS:-}" ] && [[ ",$GPU_SUITE_CELLS," != *",$name,"* ]]; then continue; fi
+  run_cell "$line"
+done <<<"$ALL_CELLS"
+
+# ----------------------------------------------------------------------------- table and results
+$PY experiments/gpu_table.py "$WORK" --md="$DEST/gpu_table.md" --json="$DEST/gpu_results.json" \
+  || echo "ERROR: experiments/gpu_table.py failed; the raw cells are in gpu_suite.tar.gz"
+echo "gpu_suite: done in $(elapsed) s"
+cp "$WORK/gpu_suite.log" "$DEST/gpu_suite.log"
+tar -czf "$DEST/gpu_suite.tar.gz" -C "$WORK" --exclude=site . 2>/dev/null || echo "WARNING: tar failed"
+echo "gpu_suite: wrote $DEST/{gpu_table.md,gpu_results.json,gpu_suite.log,gpu_suite.tar.gz}"
+[ "${GPU_SUITE_KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# (Re)downloads into .whl/ (git-ignored) exactly the wheels experiments/gpu_suite.sh installs on the
+# GPU machine, whose image (Python 3.12; jax, flax, optax, orbax, chex, torch, torchvision, timm,
+# regex, tqdm, huggingface_hub, safetensors, absl-py, PyYAML) lacks these four:
+#   ml_collections   configs (needs absl-py, PyYAML: in the image)
+#   open_clip_torch  the open_clip side (needs torch, torchvision, regex, ftfy, tqdm, huggingface-hub,
+#                    safetensors, timm: all in the image but ftfy)
+#   ftfy, wcwidth    open_clip's text cleaning (ftfy needs wcwidth)
+# All four are pure-Python wheels (about 1.8 MB together). The versions are the ones this project
+# tests with; keep one version of each (two stop the install). Run from anywhere:
+#
+#   bash experiments/gpu_wheels.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(ml_collections==1.1.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0)
+
+rm -rf .whl
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl "${WHEELS[@]}"
+ls -l .whl
+echo "total: $(du -sh .whl | cut -f1) in $(ls .whl/*.whl | wc -l) wheels"
