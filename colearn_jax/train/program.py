@@ -31,6 +31,22 @@ def with_shardings(abstract_tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshJit:
+    """A jitted function whose calls and lowerings run under `mesh` (logical constraints resolve there)."""
+
+    jitted: Any
+    mesh: jax.sharding.Mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
 def model_example_batch(system: System, config, batch_size: int) -> dict:
     """Zeros shaped like what the model sees (the example batch after the system's batch transform)."""
     spec = system.example_batch(config, batch_size)
@@ -138,21 +154,8 @@ class TrainProgram:
         return self.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                         out_shardings=(sharding.replicated(self.mesh), self.state_shardings.params))
 
-    def jit(self, fn, **kw):
-        """jax.jit whose calls and lowerings run under this program's mesh."""
-        jitted = jax.jit(fn, **kw)
-        mesh = self.mesh
-
-        class _MeshBound:
-            def __call__(self, *args):
-                with jax.set_mesh(mesh):
-                    return jitted(*args)
-
-            def lower(self, *args):
-                with jax.set_mesh(mesh):
-                    return jitted.lower(*args)
-
-        return _MeshBound()
+    def jit(self, fn, **kw) -> "MeshJit":
+        return MeshJit(jax.jit(fn, **kw), self.mesh)
 
     def lower(self, batch_size: int | None = None):
         """Lowers the train step from abstract shapes only (nothing is allocated)."""
