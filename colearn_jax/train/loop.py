@@ -90,7 +90,13 @@ def train(config, workdir: str, *, hooks: Iterable[Callable[[int, TrainState], N
     is_main = jax.process_index() == 0
     ctx = DataContext(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
     pbar = tqdm(total=tc.num_steps, disable=not (tc.progress_bar and is_main), desc="train", dynamic_ncols=True)
-    say = pbar.write if not pbar.disable else log.info
+
+    def say(message: str):  # visible with or without the progress bar, once per run
+        if pbar.disable:
+            if is_main:
+                print(message, flush=True)
+        else:
+            pbar.write(message)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoints)
