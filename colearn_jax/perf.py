@@ -105,16 +105,6 @@ def cost_flops(stage) -> float | None:
     return flops if flops >= 0 else None
 
 
-def cost_bytes_accessed(stage) -> float | None:
-    try:
-        cost = _first(stage.cost_analysis())
-    except Exception:  # noqa: BLE001
-        return None
-    if not cost or "bytes accessed" not in cost:
-        return None
-    return float(cost["bytes accessed"])
-
-
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -63,34 +62,36 @@ def batch_axes(rules) -> tuple[str, ...]:
     return ()
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
-    """Resolves `config.mesh` (-1 fills the rest) against the device count, with clear errors."""
+def mesh_shape(mesh_cfg, num_devices: int, *, name: str = "config.mesh", use_all: bool = True) -> dict[str, int]:
+    """Resolves `config.mesh` (-1 fills the rest) against the device count, with clear errors.
+
+    `name` is how errors refer to the mesh (e.g. "sweep.meshes[3]"); `use_all=False` accepts a mesh
+    over fewer devices than are present (the caller then passes the first ones to `make_mesh`).
+    """
     sizes = {ax: int(mesh_cfg.get(ax, 1)) for ax in MESH_AXES}
     unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; mesh axes are {MESH_AXES}.")
+        raise ValueError(f"{name} has unknown axes {sorted(unknown)}; mesh axes are {MESH_AXES}.")
     fill = [ax for ax, n in sizes.items() if n == -1]
     if len(fill) > 1:
-        raise ValueError(f"config.mesh: only one axis may be -1; got {fill}.")
+        raise ValueError(f"{name}: only one axis may be -1; got {fill}.")
     for ax, n in sizes.items():
         if n == 0 or n < -1:
-            raise ValueError(f"config.mesh.{ax}={n} must be a positive size or -1.")
+            raise ValueError(f"{name}.{ax}={n} must be a positive size or -1.")
     fixed = math.prod(n for n in sizes.values() if n != -1)
     if fill:
         if num_devices % fixed:
             raise ValueError(
-                f"config.mesh: the fixed axes multiply to {fixed}, which does not divide the "
-                f"{num_devices} devices present, so config.mesh.{fill[0]}=-1 cannot fill the rest."
+                f"{name}: the fixed axes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices available, so {name}.{fill[0]}=-1 cannot fill the rest."
             )
         sizes[fill[0]] = num_devices // fixed
     total = math.prod(sizes.values())
     if total > num_devices:
+        raise ValueError(f"{name} {sizes} needs {total} devices but only {num_devices} are available.")
+    if use_all and total < num_devices:
         raise ValueError(
-            f"config.mesh {sizes} needs {total} devices but only {num_devices} are present."
-        )
-    if total < num_devices:
-        raise ValueError(
-            f"config.mesh {sizes} uses {total} of the {num_devices} devices present; set one axis to -1 "
+            f"{name} {sizes} uses {total} of the {num_devices} devices available; set one axis to -1 "
             "to use them all."
         )
     return sizes
@@ -117,11 +118,6 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, rules, key: str = "config
             f"{key}={batch_size} is not divisible by the {n} data-parallel devices "
             f"(mesh axes {batch_axes(rules)} of mesh {dict(mesh.shape)})."
         )
-
-
-def logical_to_sharding(logical_tree, mesh: Mesh, rules):
-    """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

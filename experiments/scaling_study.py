@@ -73,32 +73,17 @@ CSV_FIELDS = (
 
 # ----------------------------------------------------------------------------- points
 def resolve_mesh(mesh: dict, num_devices: int, *, index: int | None = None, require_all: bool = False) -> dict:
-    """Explicit mesh sizes for a sweep entry; ValueError naming the entry when it cannot fit."""
+    """Explicit mesh sizes for a sweep entry (`sharding.mesh_shape`); ValueError naming the entry when it
+    cannot fit. A mesh over fewer devices than present runs on the first ones, unless `require_all`."""
+    from colearn_jax import sharding  # noqa: PLC0415 (no JAX at module level: setup_devices comes first)
+
     where = f"sweep.meshes[{index}]" if index is not None else "sweep mesh"
-    mesh = dict(mesh)
-    unknown = set(mesh) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"{where} = {mesh} has unknown axes {sorted(unknown)}; mesh axes are {MESH_AXES}.")
-    sizes = {ax: int(mesh.get(ax, 1)) for ax in MESH_AXES}
-    if any(n == 0 or n < -1 for n in sizes.values()):
-        raise ValueError(f"{where} = {mesh}: sizes must be positive or -1.")
-    fill = [ax for ax, n in sizes.items() if n == -1]
-    if len(fill) > 1:
-        raise ValueError(f"{where} = {mesh}: only one axis may be -1.")
-    fixed = math.prod(n for n in sizes.values() if n != -1)
-    if fill:
-        if num_devices % fixed:
-            raise ValueError(f"{where} = {mesh}: the fixed axes multiply to {fixed}, which does not divide the "
-                             f"{num_devices} available devices.")
-        sizes[fill[0]] = num_devices // fixed
-    need = math.prod(sizes.values())
-    if need > num_devices:
-        raise ValueError(f"{where} = {mesh} needs {need} devices but only {num_devices} are available; "
-                         f"drop it, or raise num_cpu_devices / run on a larger slice.")
-    if require_all and need != num_devices:
-        raise ValueError(f"{where} = {mesh} uses {need} of {num_devices} devices; multi-host sweeps need meshes "
-                         f"over all devices (use -1 on one axis).")
-    return sizes
+    try:
+        return sharding.mesh_shape(dict(mesh), num_devices, name=where, use_all=require_all)
+    except ValueError as e:
+        note = " On multi-host runs every sweep mesh must span all devices." if require_all else ""
+        raise ValueError(f"{e}{note} Fix or drop {where} = {dict(mesh)} (more devices: raise the sweep's "
+                         "num_cpu_devices, or run on a larger slice).") from None
 
 
 def enumerate_points(sweep, num_devices: int, *, require_all: bool = False) -> list[dict]:

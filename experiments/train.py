@@ -51,6 +51,8 @@ def main(argv):
         jax.distributed.initialize()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines drown the progress bar
+    # ...but not the trainer's own lines (resumed / initialised from / eval results) when there is no bar.
+    logging.getLogger("colearn_jax").setLevel(logging.INFO)
     config = _CONFIG.value
     from colearn_jax.train import loop  # noqa: PLC0415
 

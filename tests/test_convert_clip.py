@@ -16,6 +16,10 @@ from colearn_jax.convert import clip as cc
 from colearn_jax.convert import torch_reader
 from colearn_jax.convert.__main__ import main as cli_main
 from colearn_jax.models.clip_system import build_model
+from tests.torch_references import open_clip_model as _open_clip_model
+from tests.torch_references import open_clip_reference as _open_clip_reference
+from tests.torch_references import random_inputs as _inputs
+from tests.torch_references import rerandomise as _rerandomise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -27,33 +31,6 @@ def _report():
     yield
     for name, diffs in MAX_DIFFS.items():
         print(f"\n{name}: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
-
-
-def _rerandomise(model, seed=0):
-    """Moves every 1-D parameter (LayerNorm/BatchNorm weights and biases, all biases, embeddings)
-    and the BatchNorm statistics off their trivial init; sets a non-default logit scale."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim <= 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
-        model.logit_scale.fill_(2.3)
-    return model.eval()
-
-
-def _inputs(batch, image_size, length, vocab, eot_positions, seed=0):
-    rng = np.random.RandomState(seed)
-    images = rng.randn(batch, image_size, image_size, 3).astype(np.float32)
-    ids = rng.randint(1, vocab - 1, size=(len(eot_positions), length)).astype(np.int64)
-    for row, e in enumerate(eot_positions):  # end-of-text = the largest id, zero padding after it
-        ids[row, e] = vocab - 1
-        ids[row, e + 1:] = 0
-    return images, ids
 
 
 def _ours(config, variables, images, ids):
@@ -168,26 +145,6 @@ OC_VIT = dict(embed_dim=24, quick_gelu=False,
 OC_RN = dict(embed_dim=24, quick_gelu=False, init_logit_bias=-4.0,
              vision_cfg=dict(image_size=64, layers=[1, 2, 1, 1], width=16, head_width=32),
              text_cfg=dict(context_length=16, vocab_size=500, width=32, heads=2, layers=2))
-
-
-def _open_clip_model(cfg, seed=0):
-    from open_clip.model import CLIP  # noqa: PLC0415
-
-    torch.manual_seed(seed)
-    model = CLIP(**cfg)
-    model = _rerandomise(model, seed)
-    if model.logit_bias is not None:
-        with torch.no_grad():
-            model.logit_bias.fill_(-3.5)
-    return model
-
-
-def _open_clip_reference(model, images, ids):
-    with torch.no_grad():
-        img = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)), normalize=True)
-        txt = model.encode_text(torch.from_numpy(ids), normalize=True)
-        logits, _ = model.get_logits(torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(ids))
-    return img.numpy(), txt.numpy(), logits.numpy()
 
 
 def test_open_clip_vit_parity_safetensors_and_pt(tmp_path):

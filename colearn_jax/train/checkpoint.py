@@ -12,6 +12,7 @@ save never replaces the last good checkpoint. Restoring takes abstract trees who
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,11 +25,12 @@ from jax.sharding import Mesh
 from colearn_jax.train.state import TrainState
 
 ITEMS = ("model", "train", "data", "config")
+CONFIG_FILE = "metadata"  # the file the `config` item's JSON handler writes (`read_config` reads it directly)
 
 
 def _item_handlers() -> dict:
     handlers = dict(model=ocp.PyTreeCheckpointHandler(), train=ocp.PyTreeCheckpointHandler(),
-                    config=ocp.JsonCheckpointHandler())
+                    config=ocp.JsonCheckpointHandler(filename=CONFIG_FILE))
     try:  # the data position; grain is absent on inference-only installs (e.g. a bare GPU image)
         import grain  # noqa: PLC0415
 
@@ -164,6 +166,27 @@ def pick_step(ckpt: Checkpointer, step: int | None) -> int:
     if step not in steps:
         raise FileNotFoundError(f"Checkpoint step {step} not in {ckpt.directory}; available steps: {sorted(steps)}.")
     return step
+
+
+def read_config(path: str, step: int | None = None, which: str = "checkpoints") -> tuple[dict, int, str]:
+    """The config stored with a checkpoint, as a dict, read straight from its JSON file.
+
+    No CheckpointManager is created, so JAX is not started: config files call this while the command
+    line is parsed, before `--num_cpu_devices` / `--multihost` take effect. `path` as for `load`; the
+    newest step whose config is complete unless `step` is given (an unfinished save is still in a
+    temporary directory, not `<step>/`). Returns (config dict, step, checkpoint directory).
+    """
+    directory = checkpoint_dir(path, which)
+    steps = sorted(int(name) for name in os.listdir(directory)
+                   if name.isdigit() and os.path.isfile(os.path.join(directory, name, "config", CONFIG_FILE)))
+    if not steps:
+        raise FileNotFoundError(f"No complete checkpoint with a stored config in {directory}.")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"Checkpoint step {step} not in {directory}; available steps: {steps}.")
+    with open(os.path.join(directory, str(step), "config", CONFIG_FILE)) as f:
+        return json.load(f), step, directory
 
 
 def abstract_variables(model, example_batch, mesh: Mesh, rules):
