@@ -1,0 +1,173 @@
+"""On-device image augmentations in JAX: SimCLR's pipeline (Chen et al. 2020, Sec. 3 and App. A).
+
+Every op takes one float image [H, W, C] in [0, 1] and a PRNG key, so a batch is augmented with
+`jax.vmap` over per-example keys (`colearn_jax.train.rng.per_example_keys`): row i draws the same
+numbers whatever the mesh, and a resumed run draws the same numbers as an uninterrupted one. The
+parameters follow the reference implementation (google-research/simclr, data_util.py):
+
+* random resized crop: area fraction U(0.08, 1), aspect ratio log-uniform in (3/4, 4/3); candidates
+  that do not fit are rejected (a fixed number of tries, vectorised; none fitting -> the whole image);
+  the crop is resized back bicubically;
+* horizontal flip, p = 0.5;
+* colour distortion at strength s, applied with p = 0.8: brightness (multiplicative, factor in
+  [1 - 0.8s, 1 + 0.8s]), contrast (0.8s), saturation (0.8s), hue (shift up to 0.2s of a turn), in a
+  random order, clipped to [0, 1] after each; then grayscale with p = 0.2;
+* Gaussian blur, p = 0.5: sigma U(0.1, 2.0), kernel 2 * (side // 20) + 1 (about 10% of the side),
+  separable, zero-padded ('SAME') like the reference.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+GRAY_WEIGHTS = jnp.array([0.2989, 0.5870, 0.1140])  # tf.image.rgb_to_grayscale
+CROP_TRIES = 10
+
+
+def grayscale(image: jax.Array) -> jax.Array:
+    gray = image @ GRAY_WEIGHTS.astype(image.dtype)
+    return jnp.repeat(gray[..., None], image.shape[-1], axis=-1)
+
+
+# ----------------------------------------------------------------------------- colour
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = jnp.max(rgb, axis=-1)
+    c = v - jnp.min(rgb, axis=-1)
+    s = jnp.where(v > 0, c / jnp.where(v > 0, v, 1.0), 0.0)
+    safe_c = jnp.where(c > 0, c, 1.0)
+    h = jnp.where(v == r, (g - b) / safe_c, jnp.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c))
+    h = jnp.where(c > 0, (h / 6.0) % 1.0, 0.0)
+    return jnp.stack([h, s, v], axis=-1)
+
+
+def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    k = lambda n: (n + h * 6.0) % 6.0  # noqa: E731
+    f = lambda n: v - v * s * jnp.clip(jnp.minimum(k(n), 4.0 - k(n)), 0.0, 1.0)  # noqa: E731
+    return jnp.stack([f(5.0), f(3.0), f(1.0)], axis=-1)
+
+
+def adjust_brightness(image, factor):
+    return image * factor
+
+
+def adjust_contrast(image, factor):
+    mean = jnp.mean(image, axis=(0, 1), keepdims=True)
+    return (image - mean) * factor + mean
+
+
+def adjust_saturation(image, factor):
+    hsv = rgb_to_hsv(image)
+    return hsv_to_rgb(hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * factor, 0.0, 1.0)))
+
+
+def adjust_hue(image, delta):
+    hsv = rgb_to_hsv(image)
+    return hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + delta) % 1.0))
+
+
+def color_jitter(image, key, strength: float):
+    """Brightness, contrast, saturation and hue at `strength`, in a random order, clipped after each."""
+    b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
+    k_order, kb, kc, ks, kh = jax.random.split(key, 5)
+    factors = (
+        jax.random.uniform(kb, (), minval=max(1.0 - b, 0.0), maxval=1.0 + b),
+        jax.random.uniform(kc, (), minval=1.0 - c, maxval=1.0 + c),
+        jax.random.uniform(ks, (), minval=1.0 - s, maxval=1.0 + s),
+        jax.random.uniform(kh, (), minval=-h, maxval=h),
+    )
+    ops = (
+        lambda x: adjust_brightness(x, factors[0]),
+        lambda x: adjust_contrast(x, factors[1]),
+        lambda x: adjust_saturation(x, factors[2]),
+        lambda x: adjust_hue(x, factors[3]),
+    )
+    order = jax.random.permutation(k_order, 4)
+
+    def body(i, x):
+        return jnp.clip(jax.lax.switch(order[i], ops, x), 0.0, 1.0)
+
+    return jax.lax.fori_loop(0, 4, body, image)
+
+
+def random_color_distortion(image, key, strength: float = 1.0, p_jitter: float = 0.8, p_gray: float = 0.2):
+    k_apply, k_jitter, k_gray = jax.random.split(key, 3)
+    image = jnp.where(jax.random.uniform(k_apply) < p_jitter, color_jitter(image, k_jitter, strength), image)
+    return jnp.where(jax.random.uniform(k_gray) < p_gray, grayscale(image), image)
+
+
+# ----------------------------------------------------------------------------- geometry
+def crop_box(key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = CROP_TRIES):
+    """(top, left, height, width) as fractions of the image side; the whole image if no try fits."""
+    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
+    area = jax.random.uniform(k_area, (tries,), minval=scale[0], maxval=scale[1])
+    log_r = jax.random.uniform(k_ratio, (tries,), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+    w, h = jnp.sqrt(area * jnp.exp(log_r)), jnp.sqrt(area / jnp.exp(log_r))
+    fits = (w <= 1.0) & (h <= 1.0)
+    first = jnp.argmax(fits)
+    ok = fits[first]
+    h, w = jnp.where(ok, h[first], 1.0), jnp.where(ok, w[first], 1.0)
+    top = jax.random.uniform(k_y) * (1.0 - h)
+    left = jax.random.uniform(k_x) * (1.0 - w)
+    return top, left, h, w
+
+
+def crop_and_resize(image, top, left, height, width):
+    """The box (fractions of the side) resized bicubically to the image's own size."""
+    size_h, size_w = image.shape[0], image.shape[1]
+    scale = jnp.array([1.0 / height, 1.0 / width])
+    translation = -jnp.array([top * size_h, left * size_w]) * scale
+    out = jax.image.scale_and_translate(image, image.shape, (0, 1), scale, translation, method="cubic",
+                                        antialias=False)
+    return jnp.clip(out, 0.0, 1.0)
+
+
+def random_resized_crop(image, key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    return crop_and_resize(image, *crop_box(key, scale, ratio))
+
+
+def random_flip(image, key, p: float = 0.5):
+    return jnp.where(jax.random.uniform(key) < p, image[:, ::-1], image)
+
+
+# ----------------------------------------------------------------------------- blur
+def blur_kernel_size(side: int) -> int:
+    return 2 * (side // 20) + 1
+
+
+def gaussian_blur(image, sigma, kernel_size: int):
+    radius = kernel_size // 2
+    x = jnp.arange(-radius, radius + 1, dtype=image.dtype)
+    k = jnp.exp(-(x**2) / (2.0 * sigma**2))
+    k = k / jnp.sum(k)
+    c = image.shape[-1]
+    lhs = image.transpose(2, 0, 1)[:, None]  # [C, 1, H, W]: one channel per "batch" row
+    out = jax.lax.conv_general_dilated(lhs, k.reshape(1, 1, -1, 1), (1, 1), "SAME")
+    out = jax.lax.conv_general_dilated(out, k.reshape(1, 1, 1, -1), (1, 1), "SAME")
+    return out[:, 0].transpose(1, 2, 0).reshape(image.shape[0], image.shape[1], c)
+
+
+def random_blur(image, key, p: float = 0.5, sigma=(0.1, 2.0)):
+    k_apply, k_sigma = jax.random.split(key)
+    s = jax.random.uniform(k_sigma, minval=sigma[0], maxval=sigma[1])
+    blurred = jnp.clip(gaussian_blur(image, s, blur_kernel_size(image.shape[0])), 0.0, 1.0)
+    return jnp.where(jax.random.uniform(k_apply) < p, blurred, image)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def simclr_augment(image, key, *, crop: bool = True, color: bool = True, strength: float = 1.0,
+                   blur: bool = True, flip: bool = True):
+    """One SimCLR view of `image`. The switches reproduce the paper's ablations (crop only, colour only)."""
+    k_crop, k_flip, k_color, k_blur = jax.random.split(key, 4)
+    if crop:
+        image = random_resized_crop(image, k_crop)
+    if flip:
+        image = random_flip(image, k_flip)
+    if color:
+        image = random_color_distortion(image, k_color, strength)
+    if blur:
+        image = random_blur(image, k_blur)
+    return image

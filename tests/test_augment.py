@@ -1,0 +1,82 @@
+"""SimCLR's on-device augmentations: shapes and ranges, identity at zero strength, determinism under a
+key, and each op doing what it says (checked against independent computations)."""
+import colorsys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colearn_jax.data import augment
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return jnp.asarray(rng.uniform(0, 1, (20, 20, 3)).astype(np.float32))
+
+
+def test_hsv_round_trip_matches_colorsys(image):
+    hsv = np.asarray(augment.rgb_to_hsv(image))
+    ref = np.array([colorsys.rgb_to_hsv(*p) for p in np.asarray(image).reshape(-1, 3)]).reshape(hsv.shape)
+    np.testing.assert_allclose(hsv, ref, atol=1e-5)
+    np.testing.assert_allclose(augment.hsv_to_rgb(augment.rgb_to_hsv(image)), image, atol=1e-5)
+
+
+def test_identity_at_zero_strength(image):
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_allclose(augment.color_jitter(image, key, 0.0), image, atol=1e-5)
+    np.testing.assert_allclose(augment.crop_and_resize(image, 0.0, 0.0, 1.0, 1.0), image, atol=1e-5)
+    np.testing.assert_allclose(augment.random_resized_crop(image, key, scale=(1.0, 1.0), ratio=(1.0, 1.0)), image,
+                               atol=1e-5)
+    np.testing.assert_allclose(augment.random_flip(image, key, p=0.0), image)
+    np.testing.assert_allclose(augment.random_blur(image, key, p=0.0), image)
+    np.testing.assert_allclose(augment.random_color_distortion(image, key, p_jitter=0.0, p_gray=0.0), image)
+
+
+def test_ops_do_what_they_say(image):
+    np.testing.assert_allclose(augment.random_flip(image, jax.random.PRNGKey(0), p=1.0), image[:, ::-1])
+    gray = augment.grayscale(image)
+    np.testing.assert_allclose(gray[..., 0], np.asarray(image) @ np.array([0.2989, 0.587, 0.114]), atol=1e-6)
+    np.testing.assert_allclose(augment.adjust_contrast(image, 0.0), np.broadcast_to(
+        np.asarray(image).mean(axis=(0, 1)), image.shape), atol=1e-6)
+    hue = augment.adjust_hue(image, 0.25)
+    ref = np.array([colorsys.hsv_to_rgb((h + 0.25) % 1, s, v) for h, s, v in
+                    (colorsys.rgb_to_hsv(*p) for p in np.asarray(image).reshape(-1, 3))]).reshape(image.shape)
+    np.testing.assert_allclose(hue, ref, atol=1e-5)
+    # the crop of the middle half of a linear ramp, resized to 20 px, is the ramp over that half
+    # (bicubic reproduces linear functions; pixel centres at (i + 0.5))
+    coords = (np.arange(20) + 0.5) / 20
+    ramp = np.stack([*np.meshgrid(coords, coords, indexing="ij"), np.zeros((20, 20))], -1).astype(np.float32)
+    crop = np.asarray(augment.crop_and_resize(jnp.asarray(ramp), 0.25, 0.25, 0.5, 0.5))
+    expected = 0.25 + 0.5 * coords
+    np.testing.assert_allclose(crop[2:-2, 2:-2, 0], np.broadcast_to(expected[2:-2, None], (16, 16)), atol=1e-5)
+    np.testing.assert_allclose(crop[2:-2, 2:-2, 1], np.broadcast_to(expected[None, 2:-2], (16, 16)), atol=1e-5)
+    # blur keeps the mean of a constant interior and removes high frequencies
+    blurred = augment.gaussian_blur(image, 2.0, augment.blur_kernel_size(64))
+    assert np.std(np.asarray(blurred)[4:-4, 4:-4]) < 0.5 * np.std(np.asarray(image))
+    assert augment.blur_kernel_size(224) == 23 and augment.blur_kernel_size(32) == 3
+
+
+def test_crop_boxes_respect_area_and_ratio():
+    keys = jax.random.split(jax.random.PRNGKey(3), 512)
+    top, left, h, w = jax.vmap(augment.crop_box)(keys)
+    area, ratio = np.asarray(h * w), np.asarray(w / h)
+    assert np.all((top >= 0) & (left >= 0) & (top + h <= 1 + 1e-6) & (left + w <= 1 + 1e-6))
+    full = (np.asarray(h) == 1) & (np.asarray(w) == 1)
+    assert full.mean() < 0.05  # the fallback is rare
+    assert np.all(area[~full] >= 0.08 - 1e-6) and np.all((ratio[~full] > 0.74) & (ratio[~full] < 1.34))
+    assert area[~full].min() < 0.2 and area[~full].max() > 0.8  # the whole range is used
+
+
+def test_pipeline_shapes_ranges_and_determinism(image):
+    keys = jax.random.split(jax.random.PRNGKey(7), 6)
+    batch = jnp.stack([image] * 6)
+    views = jax.jit(jax.vmap(augment.simclr_augment))(batch, keys)
+    assert views.shape == batch.shape and views.dtype == jnp.float32
+    assert float(views.min()) >= 0.0 and float(views.max()) <= 1.0
+    again = jax.jit(jax.vmap(augment.simclr_augment))(batch, keys)
+    np.testing.assert_array_equal(views, again)
+    assert not np.allclose(views[0], views[1])  # other keys, other views
+    only_crop = jax.vmap(lambda x, k: augment.simclr_augment(x, k, color=False, blur=False, flip=False))(batch, keys)
+    assert not np.allclose(only_crop[0], image, atol=1e-3)
