@@ -85,6 +85,7 @@ def test_schema(built):
                 assert np.all(np.diff(centres) >= 0)  # stored left to right
                 captions = [s.decode() for s in ex["captions"]]
                 assert ex["caption"].decode() == captions[0] and all(captions)
+                assert max(map(len, captions)) <= 127  # the data card's bound
                 qm = ex["question_mask"]
                 assert qm.sum() >= 4 and qm.tolist() == sorted(qm.tolist(), reverse=True)
                 answers = [a.decode() for a, ok in zip(ex["answers"], qm) if ok]
@@ -268,3 +269,26 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="no split 'val'"):
         D.data_source("val", str(tmp_path), "scenes")
     assert not os.listdir(tmp_path)  # nothing was built
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_baselines_script_on_small_data(built, tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "digit_scenes_baselines.py")
+    spec = importlib.util.spec_from_file_location("digit_scenes_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, _, sources = built
+    data = {base: {s: _all(sources[base, s]) for s in D.SPLITS} for base in ("single", "scenes")}
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # BLAS threads only spin on a tiny problem
+        probe = script.linear_probe(data["single"], cs=(1.0,), max_iter=20)
+    assert set(probe) >= {"train_top1", "validation_top1", "test_top1", "test_heldout_top1"}
+    qa = script.qa_majority(data["scenes"])
+    assert qa["majority_answer"] in D.ANSWER_VOCAB
+    assert 0 < qa["test"]["global_majority"] < 1 and 0 < qa["test"]["per_type_majority"] < 1
+    assert sum(r["count"] for r in qa["test"]["per_type"].values()) == qa["test"]["questions"]
+    script.write_grid(data["scenes"]["test"][:4], str(tmp_path / "grid.png"), rows=1)
+    assert Image.open(tmp_path / "grid.png").size[0] > 400

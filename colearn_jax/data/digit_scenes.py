@@ -26,12 +26,14 @@ Splits (default sizes, both configs): train 5000, validation 1000, test 1000 (in
 unseen handwriting), test_heldout 1000 (held-out colour-digit pairs: compositional generalisation).
 
 Features (M = max_digits, P = num_proposals = 10, Q = num_questions = 8, C = num_captions = 5;
-padding is 0 / -1 for ids / "" with the mask False; boxes are (x1, y1, x2, y2) in [0, 1] of the
-digit's square; every array is static-shaped so grain batches examples directly):
-  image uint8 [S,S,3]; id int64; num_digits int32; has_heldout_pair bool
+padding: ids -1, floats 0, strings "", masks False; boxes are (x1, y1, x2, y2) in [0, 1] of the
+digit's square; every array is static-shaped so grain batches examples directly; string arrays
+decode as object arrays of bytes - `arrays_only` drops them before device placement):
+  image uint8 [S,S,3]; id int64; num_digits int64; has_heldout_pair bool
   caption str (= captions[0], every digit left to right: "two digits: a small red seven and a
       large blue two"); captions str [C] (relations "... to the left of ...", positions, numerals
-      "a red 7", bindings "the seven is red", colour counts "one red digit and two blue digits")
+      "a red 7", bindings "the seven is red", colour counts "one red digit and two blue digits";
+      at most 127 characters)
   boxes f32 [M,4]; box_mask bool [M]; box_digits, box_colours (into COLOUR_NAMES), box_sizes
       (into SIZE_NAMES), box_sources (sklearn image index) int32 [M]; box_occlusion f32 [M]
       (fraction of the digit's ink painted over); box_soft_labels f32 [M,11] over REGION_CLASSES
@@ -76,6 +78,7 @@ NAME = "digit_scenes"
 SPLITS = ("train", "validation", "test", "test_heldout")
 # Colour-digit pairs (digit, colour index) held out of train / validation / test.
 HELDOUT_PAIRS = frozenset((d, (3 * d) % len(COLOUR_NAMES)) for d in range(10))
+default_data_dir = _digits.default_data_dir
 ZEROSHOT_TEMPLATES = ("the digit {}", "one digit: a {}", "a small {}", "a large {}")
 NUM_VALIDATION_SOURCES = 300  # Source handwriting images reserved for validation scenes.
 
@@ -299,7 +302,7 @@ def ensure_built(data_dir: str | None = None, config="scenes") -> str:
     `config` is a standard config name ("single", "scenes") or a `DigitScenesConfig`.
     """
     cfg = _resolve(config)
-    data_dir = os.path.abspath(os.path.expanduser(data_dir or _digits.default_data_dir()))
+    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     version_dir = os.path.join(data_dir, NAME, cfg.name, str(DigitScenes.VERSION))
     params_file = os.path.join(version_dir, "digit_scenes_config.json")
     if os.path.exists(os.path.join(version_dir, "dataset_info.json")):
