@@ -244,7 +244,7 @@ def test_clip_pipeline_reads_single(built):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="max_digits=0 must be >= 1"):
+    with pytest.raises(ValueError, match="max_digits=0 must be in \\[1, 9\\]"):
         D.make_config("scenes", max_digits=0)
     with pytest.raises(ValueError, match="image_size=40 is too small .* needs >= 2 x 28 = 56"):
         D.make_config("scenes", image_size=40)
@@ -266,6 +266,8 @@ def test_bad_arguments(tmp_path):
         D.make_config("scenes", num_digits=2)
     with pytest.raises(ValueError, match="may not reuse the name 'scenes'"):
         D.ensure_built(str(tmp_path), D.DigitScenesConfig(name="scenes", num_train=5))
+    with pytest.raises(ValueError, match="Unknown digit_scenes config 'scenes_big' .not standard"):
+        pipeline.make_source("digit_scenes/scenes_big", "train", str(tmp_path))
     with pytest.raises(ValueError, match="no split 'val'"):
         D.data_source("val", str(tmp_path), "scenes")
     assert not os.listdir(tmp_path)  # nothing was built

@@ -107,7 +107,8 @@ class DigitScenesConfig(tfds.core.BuilderConfig):
             if not ok:
                 raise ValueError(f"digit_scenes config {self.name!r}: {msg}")
 
-        need(self.max_digits >= 1, f"max_digits={self.max_digits} must be >= 1.")
+        need(1 <= self.max_digits <= 9, f"max_digits={self.max_digits} must be in [1, 9] (counts "
+             "are answered with the number words up to nine).")
         need(1 <= self.min_digits <= self.max_digits,
              f"min_digits={self.min_digits} must be in [1, max_digits={self.max_digits}].")
         need(self.small_size >= 8, f"small_size={self.small_size} must be >= 8 px (the source "
@@ -318,6 +319,19 @@ def ensure_built(data_dir: str | None = None, config="scenes") -> str:
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     with open(params_file, "w") as f:
         json.dump(cfg.params(), f, indent=1, sort_keys=True)
+    return data_dir
+
+
+def prepare(data_dir: str | None, config: str) -> str:
+    """For readers that name the config (`digit_scenes/<config>`): builds a standard config if
+    needed; a custom one must already be built. Returns data_dir."""
+    if config in CONFIGS:
+        return ensure_built(data_dir, config)
+    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+    if not os.path.isdir(os.path.join(data_dir, NAME, config)):
+        raise ValueError(f"Unknown {NAME} config {config!r} (not standard, not built in "
+                         f"{data_dir}); choose one of {sorted(CONFIGS)} or build a custom one first with "
+                         "ensure_built(data_dir, make_config(base, **overrides)).")
     return data_dir
 
 

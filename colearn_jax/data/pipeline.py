@@ -61,8 +61,7 @@ def make_source(name: str, split: str, data_dir: str | None = None):
     if base == "digit_scenes":
         from colearn_jax.data import digit_scenes  # pylint: disable=import-outside-toplevel
 
-        if (config or "scenes") in digit_scenes.CONFIGS:
-            data_dir = digit_scenes.ensure_built(data_dir, config or "scenes")
+        data_dir = digit_scenes.prepare(data_dir, config or "scenes")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:

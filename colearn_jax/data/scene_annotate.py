@@ -13,7 +13,7 @@ from colearn_jax.data.scene_render import COLOUR_NAMES, SIZE_NAMES, Layout, iou
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PLURALS = tuple(w + ("es" if w.endswith("x") else "s") for w in CLASS_NAMES)  # sixes, sevens
-COUNT_WORDS = CLASS_NAMES[:4]  # zero .. three
+COUNT_WORDS = CLASS_NAMES  # counts are answered in words: zero .. nine
 REGION_CLASSES = CLASS_NAMES + ("background",)
 BACKGROUND = len(CLASS_NAMES)
 
@@ -130,7 +130,7 @@ def _candidates(rng, layout: Layout, image_size: int) -> dict[str, list[tuple[st
     q["count"].append(("how many digits are there?", COUNT_WORDS[n]))
     present = sorted(set(layout.colours.tolist()))
     absent = [k for k in range(len(COLOUR_NAMES)) if k not in present]
-    for col in present + [absent[int(rng.integers(len(absent)))]]:
+    for col in present + ([absent[int(rng.integers(len(absent)))]] if absent else []):
         q["count"].append((f"how many {COLOUR_NAMES[col]} digits are there?",
                            COUNT_WORDS[int((layout.colours == col).sum())]))
     for d in sorted(set(layout.digits.tolist())) + [int(rng.integers(10))]:
@@ -194,10 +194,11 @@ def questions(rng: np.random.Generator, layout: Layout, image_size: int, count: 
 
 def box_soft_labels(rng: np.random.Generator, layout: Layout, occlusion: np.ndarray) -> np.ndarray:
     """[n, 11] detector-like class distributions for the true digit boxes: most mass on the digit
-    (less when occluded), most of the rest on its look-alikes, a little on anything."""
+    (less when occluded, never under 0.51, so it stays the argmax), most of the rest on its
+    look-alikes, a little on anything."""
     out = np.zeros((len(layout), len(REGION_CLASSES)))
     for i, d in enumerate(layout.digits):
-        conf = rng.uniform(0.6, 0.92) * (1.0 - 0.5 * float(occlusion[i]))
+        conf = max(0.51, rng.uniform(0.6, 0.92) * (1.0 - 0.5 * float(occlusion[i])))
         rest = 1.0 - conf
         out[i] = 0.2 * rest * rng.dirichlet(np.ones(len(REGION_CLASSES)))
         out[i, list(LOOKALIKES[int(d)])] += 0.8 * rest * rng.dirichlet([2.0, 1.0])
