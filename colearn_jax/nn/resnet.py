@@ -13,16 +13,9 @@ Tricks") with the three changes CLIP made:
   attention over all tokens, whose output projection maps to `output_dim`.
 
 Layout follows OpenAI CLIP / open_clip, so their checkpoints convert one-to-one
-(`colearn_jax.convert.resnet.modified_resnet_from_torch`). Images are NHWC. Every 3x3 convolution
-uses explicit torch-style padding ((1, 1), (1, 1)): flax's "SAME" pads (0, 1) for a stride-2 3x3
-convolution on an even-sized input, which shifts the sampling grid relative to torch.
-
-BatchNorm: momentum 0.9 (torch's 0.1), eps 1e-5, statistics in the `batch_stats` collection, batch
-statistics when `train=True` and running averages otherwise. Under JAX's global-array semantics
-(jit over a batch sharded across a mesh) the batch mean / variance are reductions over the whole
-*global* batch axis, so XLA inserts the cross-device all-reduce itself: this is synchronised
-(global) BatchNorm with no extra code. (Running variance uses the biased batch variance, flax's
-convention; torch updates it with the unbiased one. Only training-time statistics differ.)
+(`colearn_jax.convert.resnet.modified_resnet_from_torch`). Images are NHWC. Convolutions (torch
+padding, torch's default init) and BatchNorm (global over a sharded batch, momentum 0.9, eps 1e-5)
+come from `colearn_jax.nn.conv`, shared with the standard ResNet of `resnet_v1.py`.
 """
 from __future__ import annotations
 
@@ -32,47 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from colearn_jax.nn import layers
+from colearn_jax.nn import conv, layers
 from colearn_jax.nn.attention import MultiHeadAttention
 
 EXPANSION = 4
-_TORCH_PAD_3X3 = ((1, 1), (1, 1))
-# torch's default Conv2d init, kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-# which CLIP keeps for every convolution.
-_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-_CONV_AXES = (None, None, "channels", "embed")
-_FEATURE_AXES = ("batch", None, None, "embed")
-
-
-def _conv(features: int, kernel: int, dtype: Any, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=1,
-        padding=_TORCH_PAD_3X3 if kernel == 3 else "VALID",
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=layers.with_axes(_CONV_INIT, _CONV_AXES),
-        name=name,
-    )
-
-
-def _batch_norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        use_fast_variance=False,
-        scale_init=layers.zeros(("embed",)) if zero_scale else layers.ones(("embed",)),
-        bias_init=layers.zeros(("embed",)),
-        name=name,
-    )
-
-
-def _avg_pool(x: jax.Array, size: int) -> jax.Array:
-    """torch.nn.AvgPool2d(size): kernel = stride = size, no padding, floor mode."""
-    return nn.avg_pool(x, (size, size), strides=(size, size), padding="VALID")
 
 
 class Bottleneck(nn.Module):
@@ -85,23 +41,23 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         out_ch = self.planes * EXPANSION
-        out = _conv(self.planes, 1, self.dtype, "conv1")(x)
-        out = nn.relu(_batch_norm(train, self.dtype, "bn1")(out))
-        out = _conv(self.planes, 3, self.dtype, "conv2")(out)
-        out = nn.relu(_batch_norm(train, self.dtype, "bn2")(out))
+        out = conv.conv2d(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+        out = nn.relu(conv.batch_norm(train, self.dtype, "bn1")(out))
+        out = conv.conv2d(self.planes, 3, dtype=self.dtype, name="conv2")(out)
+        out = nn.relu(conv.batch_norm(train, self.dtype, "bn2")(out))
         if self.stride > 1:
-            out = _avg_pool(out, self.stride)
-        out = _conv(out_ch, 1, self.dtype, "conv3")(out)
-        out = _batch_norm(train, self.dtype, "bn3", zero_scale=True)(out)
+            out = conv.avg_pool(out, self.stride)
+        out = conv.conv2d(out_ch, 1, dtype=self.dtype, name="conv3")(out)
+        out = conv.batch_norm(train, self.dtype, "bn3", zero_scale=True)(out)
 
         identity = x
         if self.stride > 1 or x.shape[-1] != out_ch:
             if self.stride > 1:
-                identity = _avg_pool(identity, self.stride)
-            identity = _conv(out_ch, 1, self.dtype, "downsample_conv")(identity)
-            identity = _batch_norm(train, self.dtype, "downsample_bn")(identity)
+                identity = conv.avg_pool(identity, self.stride)
+            identity = conv.conv2d(out_ch, 1, dtype=self.dtype, name="downsample_conv")(identity)
+            identity = conv.batch_norm(train, self.dtype, "downsample_bn")(identity)
         out = nn.relu(out + identity)
-        return nn.with_logical_constraint(out, _FEATURE_AXES)
+        return nn.with_logical_constraint(out, conv.FEATURE_AXES)
 
 
 class AttentionPool2d(nn.Module):
@@ -174,19 +130,10 @@ class ModifiedResNet(nn.Module):
         # Stem: three 3x3 convs (the first with stride 2), then AvgPool 2.
         half = self.width // 2
         for i, (features, stride) in enumerate([(half, 2), (half, 1), (self.width, 1)], start=1):
-            x = nn.Conv(
-                features,
-                (3, 3),
-                strides=stride,
-                padding=_TORCH_PAD_3X3,
-                use_bias=False,
-                dtype=self.dtype,
-                kernel_init=layers.with_axes(_CONV_INIT, _CONV_AXES),
-                name=f"conv{i}",
-            )(x)
-            x = nn.relu(_batch_norm(train, self.dtype, f"bn{i}")(x))
-            x = nn.with_logical_constraint(x, _FEATURE_AXES)
-        x = _avg_pool(x, 2)
+            x = conv.conv2d(features, 3, stride=stride, dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.relu(conv.batch_norm(train, self.dtype, f"bn{i}")(x))
+            x = nn.with_logical_constraint(x, conv.FEATURE_AXES)
+        x = conv.avg_pool(x, 2)
 
         for stage, (depth, stride) in enumerate(zip(self.layers, (1, 2, 2, 2)), start=1):
             planes = self.width * 2 ** (stage - 1)
