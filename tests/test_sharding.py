@@ -41,11 +41,11 @@ def _config(preset, mesh_cfg, gather="auto", variant="tiny", resnet=False):
     return c
 
 
-def _two_steps(config, devices=None):
+def _two_steps(config, devices=None, make_batch=synthetic_clip_batch):
     program = TrainProgram.build(config, devices=devices)
     state = program.init_state()
     init = jax.device_get(state.params)
-    batches = [program.place_batch(synthetic_clip_batch(config, seed=s)) for s in (1, 2)]
+    batches = [program.place_batch(make_batch(config, seed=s)) for s in (1, 2)]
     loss, grads = program.grads(state, batches[0])
     out = dict(init=init, loss0=float(loss), grads=jax.device_get(grads), losses=[], lrs=[])
     for batch in batches:

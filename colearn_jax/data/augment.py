@@ -159,11 +159,12 @@ def random_blur(image, key, p: float = 0.5, sigma=(0.1, 2.0)):
 
 # ----------------------------------------------------------------------------- the pipeline
 def simclr_augment(image, key, *, crop: bool = True, color: bool = True, strength: float = 1.0,
-                   blur: bool = True, flip: bool = True):
-    """One SimCLR view of `image`. The switches reproduce the paper's ablations (crop only, colour only)."""
+                   blur: bool = True, flip: bool = True, crop_scale=(0.08, 1.0)):
+    """One SimCLR view of `image`. The switches reproduce the paper's ablations (crop only, colour only);
+    `crop_scale` is the crop's area range (the reference's (0.08, 1))."""
     k_crop, k_flip, k_color, k_blur = jax.random.split(key, 4)
     if crop:
-        image = random_resized_crop(image, k_crop)
+        image = random_resized_crop(image, k_crop, scale=tuple(crop_scale))
     if flip:
         image = random_flip(image, k_flip)
     if color:

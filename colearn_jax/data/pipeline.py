@@ -3,6 +3,9 @@
 `make_train_iterator` gives an endless, shuffled, per-process-sharded, checkpointable iterator of
 `{"image": f32 [b,S,S,3], "text": i32 [b,L], "label": i32 [b]}` batches (CLIP-preprocessed
 images, tokenised captions); `iterate_eval` walks a split once, in order, with a padding `mask`.
+With `tokenizer=None` both yield images only (plus labels): uint8 [b,S,S,3] resized and centre-cropped
+but not normalised, for systems that augment and normalise on device (SimCLR). `train_fraction` < 1
+trains on a fixed random subset of the train split (semi-supervised fine-tuning on 1% / 10% labels).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from colearn_jax.data import digits, image_ops
 _DEFAULTS = {
     "data_dir": None, "train_split": "train", "eval_split": "test", "image_key": "image",
     "text_key": "caption", "label_key": "label", "augment": False, "max_shift": 0,
-    "num_threads": 4, "prefetch_buffer_size": 64, "num_workers": 0,
+    "num_threads": 4, "prefetch_buffer_size": 64, "num_workers": 0, "train_fraction": 1.0,
+    "train_fraction_seed": 0,
 }
 
 
@@ -112,11 +116,12 @@ def _pick_text(value, rng: np.random.Generator | None) -> str:
 
 
 class _ExampleTransform:
-    """Raw TFDS example -> model inputs; `rng` None means eval (no augmentation, first caption)."""
+    """Raw TFDS example -> model inputs; `rng` None means eval (no augmentation, first caption).
+    Without a tokenizer: no text, and the image stays uint8 (normalised on device by the system)."""
 
     def __init__(self, cfg, tokenizer, with_label: bool):
         self.size = int(cfg.image_size)
-        self.context_length = int(cfg.context_length)
+        self.context_length = int(cfg.context_length) if tokenizer is not None else 0
         self.image_key, self.text_key = _opt(cfg, "image_key"), _opt(cfg, "text_key")
         self.label_key = _opt(cfg, "label_key") if with_label else None
         self.augment = bool(_opt(cfg, "augment"))
@@ -127,9 +132,12 @@ class _ExampleTransform:
         image = image_ops.resize_short_side_center_crop(_lookup(example, self.image_key), self.size)
         if self.augment and rng is not None:
             image = image_ops.random_translate(image, rng, self.max_shift)
-        text = _pick_text(_lookup(example, self.text_key), rng)
-        out = {"image": image_ops.normalize(image),
-               "text": self.tokenizer(text, self.context_length)[0]}
+        if self.tokenizer is None:
+            out = {"image": image}
+        else:
+            text = _pick_text(_lookup(example, self.text_key), rng)
+            out = {"image": image_ops.normalize(image),
+                   "text": self.tokenizer(text, self.context_length)[0]}
         if self.label_key:
             out["label"] = np.int32(_lookup(example, self.label_key))
         return out
@@ -149,8 +157,32 @@ def _read_options(cfg) -> grain.ReadOptions:
                              prefetch_buffer_size=int(_opt(cfg, "prefetch_buffer_size")))
 
 
+class _Subset:
+    """A random-access view of `source` at `indices`."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+
+def train_subset(source, fraction: float, seed: int = 0):
+    """A fixed random `fraction` of `source` (at least one example), the same for every run seed."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"config.data.train_fraction={fraction} must be in (0, 1].")
+    if fraction == 1.0:
+        return source
+    n = len(source)
+    keep = max(1, int(round(fraction * n)))
+    return _Subset(source, np.sort(np.random.default_rng(seed).permutation(n)[:keep]))
+
+
 def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_count: int = 1, with_label: bool | None = None) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's share of `data_cfg.batch_size`.
 
     Order: global shuffle (reshuffled each epoch) -> per-example random caption/augmentation
@@ -159,11 +191,15 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     Orbax: save with `grain.checkpoint.CheckpointSave(it)` and restore into a fresh iterator
     with `grain.checkpoint.CheckpointRestore(it)` inside `ocp.args.Composite` (grain 0.2.18).
     `num_workers > 0` adds grain worker processes (same batches, but a different state format).
+    `with_label` None: labels when the data has `label_key`.
     """
     per = _per_process(int(data_cfg.batch_size), process_index, process_count,
                        "config.data.batch_size")
     source = make_source(data_cfg.name, _opt(data_cfg, "train_split"), _opt(data_cfg, "data_dir"))
-    transform = _ExampleTransform(data_cfg, tokenizer, _has(source[0], _opt(data_cfg, "label_key")))
+    source = train_subset(source, float(_opt(data_cfg, "train_fraction")), int(_opt(data_cfg, "train_fraction_seed")))
+    if with_label is None:
+        with_label = _has(source[0], _opt(data_cfg, "label_key"))
+    transform = _ExampleTransform(data_cfg, tokenizer, with_label)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.random_map(transform)
     ds = ds[process_index::process_count].batch(per, drop_remainder=True)

@@ -1,0 +1,172 @@
+"""The SimCLR system: two on-device views per image, NT-Xent normalisations, LARS exclusions through the
+default decay mask, config checks and presets, and - on the 8-device mesh - global BatchNorm: loss,
+gradients, parameters and BN statistics after two steps equal one device's under every preset and
+gather mode."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colearn_jax import config_checks, sharding
+from colearn_jax.configs.simclr import learning_rate
+from colearn_jax.models import get_system
+from colearn_jax.models.simclr_system import make_batch_transform, make_objective, split_views
+from colearn_jax.train.optimizer import make_optimizer, weight_decay_mask
+from colearn_jax.train.program import TrainProgram
+from colearn_jax.train.rng import step_keys
+from tests.helpers import load_config
+from tests.test_sharding import _assert_equal_runs, _two_steps
+
+
+def _config(variant="tiny", **overrides):
+    c = load_config(f"simclr.py:{variant}")
+    c.unlock()
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def synthetic_images(config, batch_size=None, seed=0):
+    rng = np.random.RandomState(seed)
+    b, s = batch_size or config.data.batch_size, config.data.image_size
+    # Smooth random images (a coarse grid upsampled), so crops and colour changes matter.
+    coarse = rng.rand(b, 4, 4, 3)
+    img = np.repeat(np.repeat(coarse, s // 4, axis=1), s // 4, axis=2)
+    return {"image": (255 * img).astype(np.uint8)}
+
+
+def test_batch_transform_makes_two_interleaved_views():
+    c = _config()
+    batch = synthetic_images(c, 4)
+    keys = step_keys(jax.random.PRNGKey(0), 3, ("augment",))
+    views = np.asarray(make_batch_transform(c)(batch, keys, 3)["image"])
+    assert views.shape == (8, 16, 16, 3) and views.dtype == np.float32
+    assert 0.0 <= views.min() and views.max() <= 1.0
+    assert not np.allclose(views[0], views[1])  # two independent views of image 0
+    plain = _config(**{"augment.crop": False, "augment.color": False, "augment.flip": False})
+    ident = np.asarray(make_batch_transform(plain)(batch, keys, 3)["image"])
+    np.testing.assert_allclose(ident[0::2], batch["image"] / 255.0, atol=1e-6)  # row 2i + v: view v of i
+    np.testing.assert_allclose(ident[1::2], batch["image"] / 255.0, atol=1e-6)
+    colour_only = _config(**{"augment.crop": False, "augment.flip": False})
+    cv = np.asarray(make_batch_transform(colour_only)(batch, keys, 3)["image"])
+    # Without crop or flip a view keeps its image's layout: the coarse grid's cells stay constant.
+    assert np.allclose(cv[:, :4, :4].std(axis=(1, 2)), 0, atol=1e-5)
+
+
+def test_normalisations_and_view_split():
+    z = jnp.asarray(np.random.RandomState(0).randn(8, 5).astype(np.float32))
+    z1, z2 = split_views(z)
+    np.testing.assert_array_equal(z1, z[0::2])
+    np.testing.assert_array_equal(z2, z[1::2])
+    ref, _ = make_objective(_config())({"proj": z}, {}, {}, 0)
+    half, _ = make_objective(_config(**{"loss.normalization": "mean_2n"}))({"proj": z}, {}, {}, 0)
+    np.testing.assert_allclose(float(half), 0.5 * float(ref), rtol=1e-6)
+    # "mean_2n" is the mean over the 2N anchors of -log softmax at the positive (the usual port's form).
+    tau = _config().loss.temperature
+    zn = np.asarray(z) / np.linalg.norm(np.asarray(z), axis=1, keepdims=True)
+    order = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])  # [view 1 of all; view 2 of all]
+    s = zn[order] @ zn[order].T / tau
+    np.fill_diagonal(s, -np.inf)
+    pos = np.concatenate([np.arange(4, 8), np.arange(0, 4)])
+    lse = np.log(np.exp(s).sum(1))
+    np.testing.assert_allclose(float(half), np.mean(lse - s[np.arange(8), pos]), rtol=1e-5)
+
+
+def _abstract_params(config):
+    model = get_system(config.model.name).build_model(config)
+    spec = {"image": jax.ShapeDtypeStruct((2, config.data.image_size, config.data.image_size, 3), jnp.float32)}
+    return nn.unbox(jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b, train=False), spec))["params"]
+
+
+def test_default_decay_mask_excludes_batchnorm_and_biases_from_decay_and_lars():
+    """SimCLR's LARS skips weight decay and the trust ratio on BatchNorm parameters and biases (the
+    reference's `exclude_from_weight_decay`); the platform's default mask does it by shape and role."""
+    c = _config(**{"optim.weight_decay": 0.1, "optim.warmup_steps": 0})
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), _abstract_params(c))
+    mask = weight_decay_mask(params)
+    assert mask["encoder"]["conv1"]["kernel"] and mask["head"]["layer_0"]["kernel"]
+    assert not mask["encoder"]["bn1"]["scale"] and not mask["encoder"]["bn1"]["bias"]
+    assert not mask["head"]["bn_0"]["bias"] and not mask["head"]["bn_1"]["scale"]
+    tx, schedule = make_optimizer(c.optim, c.train.num_steps)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.2, p.dtype), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    lr = float(schedule(0))
+    assert lr > 0
+    # BN scale: plain -lr * g (no decay, no trust ratio).
+    np.testing.assert_allclose(np.asarray(updates["encoder"]["bn1"]["scale"]), -lr * 0.2, rtol=1e-6)
+    # A conv kernel: -lr * eeta * ||w|| / ||g + wd w|| * (g + wd w).
+    w, g = params["encoder"]["conv1"]["kernel"], grads["encoder"]["conv1"]["kernel"]
+    d = g + 0.1 * w
+    expect = -lr * c.optim.trust_coefficient * jnp.linalg.norm(w) / jnp.linalg.norm(d) * d
+    np.testing.assert_allclose(np.asarray(updates["encoder"]["conv1"]["kernel"]), np.asarray(expect), rtol=1e-5)
+
+
+def test_learning_rate_helper_and_presets():
+    assert learning_rate(4096) == pytest.approx(4.8)
+    assert learning_rate(4096, 0.075, "sqrt") == pytest.approx(4.8)
+    assert learning_rate(512, 1.0) == pytest.approx(2.0)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, model=1))
+    rules = sharding.get_rules("dp")
+    for preset in ("tiny", "digit_scenes", "cifar10", "resnet50_imagenet", "digit_scenes,finetune"):
+        c = load_config(f"simclr.py:{preset}")
+        if c.train.init_from_map:
+            with pytest.raises(ValueError, match="config.train.init_from is empty"):  # fine-tuning needs weights
+                config_checks.validate(c, get_system(c.model.name), mesh, rules)
+            c.unlock()
+            c.train.init_from = "/pretrained/run"
+        config_checks.validate(c, get_system(c.model.name), mesh, rules)
+    r50 = load_config("simclr.py:resnet50_imagenet")
+    assert r50.optim.lr == pytest.approx(4.8) and r50.loss.temperature == 0.1 and r50.data.batch_size == 4096
+    assert r50.optim.warmup_steps == round(10 * 1_281_167 / 4096) and r50.optim.weight_decay == 1e-6
+    cifar = load_config("simclr.py:cifar10")
+    assert cifar.model.encoder.cifar_stem and cifar.loss.temperature == 0.5 and cifar.optim.weight_decay == 1e-4
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.ft_proj_selector", 5, "config.model.ft_proj_selector=5"),
+    ("loss.normalization", "sum", "config.loss.normalization='sum'"),
+    ("loss.temperature", 0.0, "config.loss.temperature=0.0"),
+    ("model.encoder.depth", 42, "config.model.encoder.depth=42"),
+    ("augment.crop_scale", (0.5, 0.2), "config.augment.crop_scale"),
+    ("loss.gather", "tree", "config.loss.gather='tree'"),
+])
+def test_config_errors_name_the_key(key, value, match):
+    c = _config(**{key: value})
+    if key == "model.encoder.depth":
+        c.model.encoder.stage_sizes = []
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        TrainProgram.build(c)
+
+
+def _sharded_config(preset, mesh_cfg, gather="auto"):
+    c = _config(**{"sharding": preset, "loss.gather": gather})
+    c.mesh.update(mesh_cfg)
+    c.optim.update(name="sgd", lr=0.05, momentum=0.9, warmup_steps=0)  # lr > 0 from the first step
+    return c
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _two_steps(_sharded_config("dp", dict(data=1, fsdp=1, model=1)), devices=jax.devices()[:1],
+                      make_batch=synthetic_images)
+
+
+@pytest.mark.parametrize("preset,mesh_cfg,gather", [
+    ("dp", dict(data=8, fsdp=1, model=1), "auto"),
+    ("fsdp", dict(data=2, fsdp=4, model=1), "all_gather"),
+    ("fsdp_tp", dict(data=2, fsdp=2, model=2), "ring"),
+])
+def test_global_batchnorm_and_ntxent_sharded_equal_single_device(preset, mesh_cfg, gather, reference):
+    """Two augmented views per image on device, BN over all 2N views of the global batch, NT-Xent over the
+    global batch: the 8-device run's loss, gradients, parameters and BN statistics equal one device's."""
+    assert jax.tree.leaves(reference["model_state"])  # there are batch statistics to compare
+    moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(reference["params"]),
+                                                    jax.tree.leaves(reference["init"]))]
+    assert np.median(moved) > 1e-4  # two real updates
+    run = _two_steps(_sharded_config(preset, mesh_cfg, gather), make_batch=synthetic_images)
+    _assert_equal_runs(run, reference)
