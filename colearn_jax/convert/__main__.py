@@ -1,9 +1,11 @@
-"""Convert a public CLIP checkpoint into a colearn_jax checkpoint directory.
+"""Convert a public checkpoint (CLIP, or a torchvision-layout ResNet) into a colearn_jax checkpoint directory.
 
     python -m colearn_jax.convert --source=openai --input=ViT-B-32.pt --output=/tmp/clip_b32
     python -m colearn_jax.convert --source=open_clip --input=model.safetensors --model_config=ViT-B-16.json \
         --output=/tmp/clip_b16 [--scan]
     python -m colearn_jax.convert --source=hf --input=/path/to/hf_clip_dir --output=/tmp/hf_clip
+    python -m colearn_jax.convert --source=torchvision_resnet --input=resnet50.pth --output=/tmp/r50 \
+        [--with_classifier] [--prefix=encoder.] [--image_size=224]
 
 The output loads with `model, variables, config = colearn_jax.load(OUTPUT)`.
 """
@@ -12,7 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from colearn_jax.convert.clip import SOURCES
+from colearn_jax.convert.clip import SOURCES as CLIP_SOURCES
+
+RESNET_SOURCES = ("torchvision_resnet",)
+SOURCES = CLIP_SOURCES + RESNET_SOURCES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,7 +32,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scan", action="store_true", help="stack layers for config.model.scan=True")
     p.add_argument("--vision_heads", type=int, default=None, help="override the image tower's head count")
     p.add_argument("--text_heads", type=int, default=None, help="override the text tower's head count")
+    p.add_argument("--with_classifier", action="store_true",
+                   help="torchvision_resnet: keep `fc` as the classifier (system simclr_finetune); default: drop it")
+    p.add_argument("--prefix", default=None, help="torchvision_resnet: key prefix of the ResNet (default: found)")
+    p.add_argument("--image_size", type=int, default=None, help="torchvision_resnet: config.data.image_size")
     return p.parse_args(argv)
+
+
+def _convert_resnet(args):
+    from colearn_jax.convert import resnet_v1  # noqa: PLC0415
+    from colearn_jax.convert.torch_reader import read_state_dict  # noqa: PLC0415
+
+    sd = read_state_dict(args.input)
+    prefix = resnet_v1.find_prefix(sd, args.prefix)
+    dropped = resnet_v1.dropped_keys(sd, prefix)
+    if dropped:
+        print(f"Dropped {len(dropped)} keys outside the ResNet (prefix {prefix!r}): {dropped[:8]}"
+              f"{' ...' if len(dropped) > 8 else ''}")
+    config, variables = resnet_v1.convert_state_dict(sd, with_classifier=args.with_classifier, prefix=prefix,
+                                                     image_size=args.image_size)
+    return config, variables, resnet_v1.describe(config)
 
 
 def main(argv=None) -> int:
@@ -36,15 +60,19 @@ def main(argv=None) -> int:
     from colearn_jax.convert.torch_reader import CheckpointFormatError  # noqa: PLC0415
 
     try:
-        config, variables = convert(
-            args.source, args.input, model_config=args.model_config, scan=args.scan,
-            vision_heads=args.vision_heads, text_heads=args.text_heads,
-        )
+        if args.source in RESNET_SOURCES:
+            config, variables, description = _convert_resnet(args)
+        else:
+            config, variables = convert(
+                args.source, args.input, model_config=args.model_config, scan=args.scan,
+                vision_heads=args.vision_heads, text_heads=args.text_heads,
+            )
+            description = describe(config)
         directory = save_checkpoint(config, variables, args.output)
     except (FileNotFoundError, FileExistsError, ConversionError, CheckpointFormatError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Converted {args.source} checkpoint {args.input}: {describe(config)}")
+    print(f"Converted {args.source} checkpoint {args.input}: {description}")
     print(f"Wrote {directory}; load with colearn_jax.load({args.output!r}).")
     return 0
 

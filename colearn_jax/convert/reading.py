@@ -53,11 +53,11 @@ class StateDict:
     def mark_used(self, keys):
         self.used.update(keys)
 
-    def check_all_used(self, what: str):
+    def check_all_used(self, what: str, model: str = "CLIP"):
         unused = sorted(k for k in self.sd if k not in self.used and not IGNORED_KEYS.match(k))
         if unused:
             raise ConversionError(
-                f"{len(unused)} {what} state-dict entries have no place in colearn_jax's CLIP (an "
+                f"{len(unused)} {what} state-dict entries have no place in colearn_jax's {model} (an "
                 f"unsupported architecture feature?): {unused[:12]}{' ...' if len(unused) > 12 else ''}"
             )
 
