@@ -174,7 +174,8 @@ def step_flops(config, lowered, compiled=None, *, lower: Callable[[Any], Any] | 
       a few seconds; pass `lower=None` to skip the twin and report the raw count);
     - `flops_per_step_xla_raw`: what `lowered` itself reports (scanned layers counted once);
     - `flops_per_step_per_device_xla`: what the compiled SPMD program of one device reports;
-    - `flops_per_step_analytic`: `clip_train_flops` (3 × forward) for ViT CLIP configs, else None.
+    - `flops_per_step_analytic`: 3 × forward for ViT CLIP (`clip_train_flops`) and SimCLR
+      (`simclr_train_flops`) configs, else None.
     """
     raw = cost_flops(lowered)
     twin = flops_twin_config(config) if lower is not None else None
@@ -182,9 +183,18 @@ def step_flops(config, lowered, compiled=None, *, lower: Callable[[Any], Any] | 
         "flops_per_step": cost_flops(lower(twin)) if twin is not None else raw,
         "flops_per_step_xla_raw": raw,
         "flops_per_step_per_device_xla": cost_flops(compiled) if compiled is not None else None,
-        "flops_per_step_analytic": (clip_train_flops(config, config.data.batch_size)
-                                    if config.model.get("name") == "clip" else None),
+        "flops_per_step_analytic": analytic_train_flops(config, config.data.batch_size),
     }
+
+
+def analytic_train_flops(config, global_batch: int) -> float | None:
+    """The analytic model FLOPs of one step for the systems that have a formula, else None."""
+    name = config.model.get("name")
+    if name == "clip":
+        return clip_train_flops(config, global_batch)
+    if name == "simclr":
+        return simclr_train_flops(config, global_batch)
+    return None
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs
@@ -225,6 +235,54 @@ def clip_train_flops(config, global_batch: int) -> float | None:
         return None
     logits = 2 * 2.0 * global_batch * global_batch * config.model.embed_dim  # both directions
     return 3.0 * (fwd * global_batch + logits)
+
+
+def resnet_v1_forward_flops(encoder, image_size: int) -> float:
+    """Convolution FLOPs (2 per multiply-add) of one image through `ResNetV1` as configured by
+    `config.model.encoder`; ResNet-50 at 224 px: 8.18 GFLOPs (4.09 GMACs, the usual count)."""
+    from colearn_jax.nn.resnet_v1 import DEPTHS  # noqa: PLC0415
+
+    if encoder.get("stage_sizes"):
+        block, stages = encoder.block, tuple(encoder.stage_sizes)
+    else:
+        block, stages = DEPTHS[encoder.depth]
+    width = int(round(64 * encoder.width_multiplier))
+    conv = lambda k, cin, cout, hw: 2.0 * k * k * cin * cout * hw * hw  # noqa: E731
+    side = image_size if encoder.cifar_stem else -(-image_size // 2)
+    flops = conv(3 if encoder.cifar_stem else 7, 3, width, side)
+    if not encoder.cifar_stem:
+        side = -(-side // 2)  # the 3x3 stride-2 max pool
+    cin, expansion = width, 4 if block == "bottleneck" else 1
+    for i, n in enumerate(stages):
+        planes = width * 2**i
+        for j in range(n):
+            stride = 2 if (i > 0 and j == 0) else 1
+            out_side = -(-side // stride)
+            if block == "bottleneck":
+                flops += conv(1, cin, planes, side) + conv(3, planes, planes, out_side)
+                flops += conv(1, planes, planes * 4, out_side)
+            else:
+                flops += conv(3, cin, planes, out_side) + conv(3, planes, planes, out_side)
+            if stride != 1 or cin != planes * expansion:
+                flops += conv(1, cin, planes * expansion, out_side)
+            cin, side = planes * expansion, out_side
+    return flops
+
+
+def simclr_train_flops(config, global_batch: int) -> float:
+    """3 × forward of the 2N views through encoder and projection head, plus NT-Xent's four N×N blocks."""
+    from colearn_jax.models.simclr_system import build_encoder  # noqa: PLC0415
+
+    m = config.model
+    enc = resnet_v1_forward_flops(m.encoder, config.data.image_size)
+    head, d = 0.0, build_encoder(config).num_features
+    for j in range(m.head.num_layers):
+        out = m.head.out_dim if j == m.head.num_layers - 1 else (m.head.get("hidden_dim") or d)
+        head += 2.0 * d * out
+        d = out
+    views = 2 * global_batch
+    loss = 4 * 2.0 * global_batch * global_batch * d
+    return 3.0 * ((enc + head) * views + loss)
 
 
 # ----------------------------------------------------------------------------- timing

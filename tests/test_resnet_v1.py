@@ -102,3 +102,22 @@ def test_no_head_passes_the_representation_through():
     h = jnp.ones((4, 6))
     stages = ProjectionHead(num_layers=0).apply({}, h)
     assert len(stages) == 1 and stages[0] is h
+
+
+@pytest.mark.parametrize("depth,size", [(50, 224), (18, 64)])
+def test_analytic_flops_equal_torch_flop_counter(depth, size):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    from colearn_jax import perf  # noqa: PLC0415
+    from colearn_jax.configs.simclr import get_config  # noqa: PLC0415
+
+    ref = getattr(torchvision.models, f"resnet{depth}")().eval()
+    ref.fc = torch.nn.Identity()
+    with FlopCounterMode(display=False) as counter:
+        ref(torch.zeros(1, 3, size, size))
+    encoder = get_config("resnet50_imagenet").model.encoder
+    encoder.unlock()
+    encoder.depth = depth
+    assert perf.resnet_v1_forward_flops(encoder, size) == counter.get_total_flops()
