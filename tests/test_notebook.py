@@ -1,8 +1,8 @@
 """notebooks/colab.ipynb runs end to end on CPU against a checkpoint written in the test.
 
-The checkpoint is the `configs/clip.py:tiny` model with freshly initialised weights, written through
-`colearn_jax.convert.clip.save_checkpoint` (the path converted checkpoints take) - the notebook only
-needs something `colearn_jax.load` accepts, not a good model. The Colab-only install cell is guarded
+The checkpoints are the `configs/clip.py:tiny` and `configs/simclr.py:tiny` models with freshly initialised
+weights, written through `colearn_jax.convert.writing.save_checkpoint` (the path converted checkpoints take)
+- the notebook only needs something `colearn_jax.load` accepts, not a good model. The Colab-only install cell is guarded
 by `IN_COLAB` and is skipped here as well.
 """
 import os
@@ -25,19 +25,30 @@ def _tags(cell):
     return set(cell.get("metadata", {}).get("tags", []))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from colearn_jax.convert.clip import save_checkpoint  # noqa: PLC0415
-    from colearn_jax.models.clip_system import build_model, example_batch  # noqa: PLC0415
+def _fresh_checkpoint(spec, tmp_path_factory):
+    from colearn_jax.convert.writing import save_checkpoint  # noqa: PLC0415
+    from colearn_jax.models import get_system  # noqa: PLC0415
+    from colearn_jax.train.program import model_example_batch  # noqa: PLC0415
 
-    config = load_config("clip.py:tiny")
-    model = build_model(config)
-    batch = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), example_batch(config, 1))
+    config = load_config(spec)
+    system = get_system(config.model.name)
+    model = system.build_model(config)
+    batch = model_example_batch(system, config, 2)
     variables = jax.jit(lambda b: model.init(jax.random.PRNGKey(0), b))(batch)
     variables = jax.tree.map(np.asarray, nn.unbox(variables))
     workdir = str(tmp_path_factory.mktemp("notebook_ckpt"))
     save_checkpoint(config, variables, workdir)
     return workdir
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _fresh_checkpoint("clip.py:tiny", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def simclr_checkpoint(tmp_path_factory):
+    return _fresh_checkpoint("simclr.py:tiny", tmp_path_factory)
 
 
 def test_install_cell_is_guarded():
@@ -47,10 +58,11 @@ def test_install_cell_is_guarded():
     assert "if IN_COLAB:" in install[0].source and "%pip install" in install[0].source
 
 
-def test_notebook_runs_end_to_end(checkpoint, tmp_path, monkeypatch):
+def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells = [c for c in nb.cells if "install" not in _tags(c)]
     monkeypatch.setenv("COLEARN_JAX_CKPT", checkpoint)
+    monkeypatch.setenv("COLEARN_JAX_SIMCLR_CKPT", simclr_checkpoint)
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = nbclient.NotebookClient(
@@ -61,10 +73,12 @@ def test_notebook_runs_end_to_end(checkpoint, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     by_tag = {t: c for c in nb.cells for t in _tags(c)}
-    for tag in ("heatmap", "zeroshot", "retrieval"):
+    for tag in ("heatmap", "zeroshot", "retrieval", "simclr_neighbours"):
         pngs = [o for o in by_tag[tag].outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
         assert pngs, f"the {tag!r} cell produced no figure"
     text = lambda c: "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream")  # noqa: E731
     assert "zero-shot accuracy on these 20 images" in text(by_tag["zeroshot"])
     assert "a handwritten seven" in text(by_tag["retrieval"])
     assert "on the diagonal" in text(by_tag["heatmap"])
+    assert "simclr" in text(by_tag["simclr_load"]) and "digit_scenes/single" in text(by_tag["simclr_load"])
+    assert "20-NN top-1 on 200 test scenes" in text(by_tag["simclr_neighbours"])
