@@ -10,13 +10,17 @@ times it on synthetic batches (random images / token ids of the config's shapes,
   python experiments/benchmark.py --config=configs/clip.py:tiny --num_cpu_devices=8   # simulated mesh
   python experiments/benchmark.py --config=configs/clip.py:vit_b16 --num_cpu_devices=8 --compile_only \
       --config.sharding=fsdp --config.model.remat_policy=full   # memory plan only, nothing runs
+  python experiments/benchmark.py --config=configs/simclr.py:resnet50_imagenet --num_cpu_devices=8 \
+      --compile_only --config.loss.gather=ring   # SimCLR ResNet-50, batch 4096 (RESULTS.md §7)
+  python experiments/benchmark.py --config=configs/simclr.py:digit_scenes   # SimCLR's CPU demo step
 
 Reports lower/compile time, the median step time over `--steps` steps after `--warmup` steps
 (each blocked with block_until_ready), examples/s (global and per device), model TFLOP/s and MFU,
 and per-device memory (`compiled.memory_analysis()`; `device.memory_stats()` where the backend has it).
 FLOPs: `Lowered.cost_analysis()` of the un-partitioned step gives the *global* FLOPs per step (used
 for TFLOP/s and MFU); `Compiled.cost_analysis()` of the SPMD program is *per device* (see
-colearn_jax/perf.py). The analytic CLIP model FLOPs (3 × forward) are printed beside them. MFU needs
+colearn_jax/perf.py). The analytic model FLOPs (3 × forward; CLIP ViT and SimCLR ResNet configs) are
+printed beside them. MFU needs
 the chip's peak: looked up from `device_kind` (H100/H200/A100/TPU v4/v5e/v5p/v6e, bf16 or f32 by
 `config.model.dtype`), else `--peak_tflops`; CPU has none, so MFU is "n/a" there.
 
