@@ -11,7 +11,10 @@ step from abstract shapes (nothing is allocated) and prints the same JSON as
 global XLA FLOPs of one step (every layer of a scanned stack counted, see `perf.step_flops`),
 `result.flops_per_step_per_device_xla` the compiled per-device count, `result.memory` the per-device
 memory plan; a readable table goes to stderr.
-On a TPU pod slice or multi-GPU hosts, pass --multihost (calls jax.distributed.initialize()).
+Multi-host: run the same command on every host with --multihost (jax.distributed.initialize(); on TPU
+pods, Slurm, Open MPI and Kubernetes it finds its peers, elsewhere add --coordinator_address=host0:port
+--num_processes=N --process_id=i). A SIGTERM on one host stops every host at the same step, after a
+checkpoint; see README "Training".
 """
 from __future__ import annotations
 

@@ -8,7 +8,10 @@ initialised from `config.train.init_from` — and streams the system's train dat
 `jax.transfer_guard("disallow")`. Periodic evals use the system's evaluator and its metric
 descriptions; `config.train.best_metric` keeps the best parameters in `<workdir>/best`. SIGTERM or
 Ctrl-C finishes the current step, saves a checkpoint (state + data position) and returns; the same
-command resumes and ends with exactly the parameters of an uninterrupted run. A non-finite loss or
+command resumes and ends with exactly the parameters of an uninterrupted run. With several processes
+(one per host) a signal to any one of them stops all at the same step (the next flag exchange, every
+`train.stop_sync_every` steps; see train/stop.py); process 0 alone writes metrics and TensorBoard,
+while every process takes part in each checkpoint (its shards, its data position) and each eval. A non-finite loss or
 gradient stops the run before anything is saved (or, with `train.nonfinite="skip"`, skips the update).
 """
 from __future__ import annotations
