@@ -91,9 +91,9 @@ def main(argv):
         except (ValueError, FileNotFoundError, loop.NonFiniteError) as e:  # named errors: no traceback wall
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    specs = loop.metric_specs(config)
-    summarize(_WORKDIR.value, specs)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # the one that wrote metrics.jsonl
+        specs = loop.metric_specs(config)
+        summarize(_WORKDIR.value, specs)
         from colearn_jax.train.plots import plot_metrics  # noqa: PLC0415
 
         path = plot_metrics(_WORKDIR.value, specs=specs)
