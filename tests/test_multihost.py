@@ -17,7 +17,6 @@ pure rounding noise, up to ~lr * noise / eps ~ 1e-6 a step; atol 1e-5 covers tha
 a different batch moves the parameters by ~lr = 2e-3 (checked below: far more than the tolerance).
 Eval metrics are fractions of the 300 test examples: a near-tie may rank differently, so abs 0.01.
 """
-import json
 import os
 import signal
 import socket
@@ -35,9 +34,13 @@ from colearn_jax.train.checkpoint import list_steps
 from colearn_jax.train.metrics import read_metrics
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow
+
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 STEPS, SYNC_EVERY, SIGNAL_AT = 10, 2, 3
-LAUNCH_TIMEOUT = 420  # seconds per launch (all processes); a deadlock fails the test, it does not hang CI
+# Seconds per launch (all its processes; a launch takes 30-60 s on 2 busy cores): a deadlock fails the test
+# with the processes' logs instead of hanging CI, and three launches fit pytest's 900 s per test.
+LAUNCH_TIMEOUT = 280
 FAILED_GRACE = 30  # seconds the others may go on after one process failed (they block in collectives)
 PARAM_RTOL, PARAM_ATOL, METRIC_RTOL, EVAL_ABS = 1e-5, 1e-5, 1e-5, 0.01
 
@@ -78,7 +81,8 @@ def _launch(workdir, num_processes: int, cache_dir: str, *, signal_process: int 
                          f"--num_processes={num_processes}", f"--process_id={i}"]
             penv = dict(env)
             if i == signal_process:
-                penv.update(COLEARN_TEST_PAUSE_AT_STEP=str(signal_at), COLEARN_TEST_PAUSE_MARKER=marker)
+                penv.update(COLEARN_TEST_PAUSE_AT_STEP=str(signal_at), COLEARN_TEST_PAUSE_MARKER=marker,
+                            COLEARN_TEST_PAUSE_TIMEOUT="120")
             logs.append(open(f"{workdir}.{name}.p{i}.log", "w+"))
             procs.append(subprocess.Popen([sys.executable, WORKER, *args, *extra], cwd=ROOT, env=penv,
                                           stdout=logs[-1], stderr=subprocess.STDOUT))
