@@ -11,10 +11,14 @@ step from abstract shapes (nothing is allocated) and prints the same JSON as
 global XLA FLOPs of one step (every layer of a scanned stack counted, see `perf.step_flops`),
 `result.flops_per_step_per_device_xla` the compiled per-device count, `result.memory` the per-device
 memory plan; a readable table goes to stderr.
-On a TPU pod slice or multi-GPU hosts, pass --multihost (calls jax.distributed.initialize()).
+Multi-host: run the same command on every host with --multihost (jax.distributed.initialize(); on TPU
+pods, Slurm, Open MPI and Kubernetes it finds its peers, elsewhere add --coordinator_address=host0:port
+--num_processes=N --process_id=i). A SIGTERM on one host stops every host at the same step, after a
+checkpoint; see README "Training".
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # experiments/be
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:digits.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard logs go.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Only lower + compile the train step, then exit.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, multi-GPU hosts).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() before anything else: one process per host (TPU pod "
+    "slices, multi-GPU hosts, several CPU hosts). On TPU/Slurm/Open MPI/Kubernetes the coordinator and process "
+    "ids are detected; elsewhere pass the three flags below (or set $JAX_COORDINATOR_ADDRESS).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--multihost: host:port of process 0's coordination service (same on every host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--multihost: how many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--multihost: this process's index in [0, num_processes).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 0, "Simulate this many CPU devices (sets XLA_FLAGS before JAX starts)."
 )
@@ -47,33 +58,44 @@ def main(argv):
     host_memory.configure_allocator()  # CPU hosts: reuse the step's scratch buffer (before JAX starts)
     import jax  # noqa: PLC0415 (after XLA_FLAGS)
 
-    if _MULTIHOST.value:
-        jax.distributed.initialize()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines drown the progress bar
-    # ...but not the trainer's own lines (resumed / initialised from / eval results) when there is no bar.
-    logging.getLogger("colearn_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    from colearn_jax.train import loop  # noqa: PLC0415
+    from colearn_jax.train.stop import GracefulStop  # noqa: PLC0415
 
-    if _COMPILE_ONLY.value:
-        import benchmark  # noqa: PLC0415 (experiments/benchmark.py: one FLOP/memory accounting for both scripts)
+    with contextlib.ExitStack() as signals:
+        if _MULTIHOST.value:
+            # CPU hosts exchange collectives through gloo (jax's default jax_cpu_collectives_implementation).
+            jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                       process_id=_PROCESS_ID.value)
+            # initialize() made JAX's preemption notifier the SIGTERM handler (it swallows the signal). Take
+            # SIGTERM and Ctrl-C over now, so that one arriving during start-up, restore or compilation stops
+            # every process after the first step (colearn_jax/train/stop.py).
+            signals.enter_context(GracefulStop())
+        elif any(flags.FLAGS[name].present for name in ("coordinator_address", "num_processes", "process_id")):
+            raise app.UsageError("--coordinator_address/--num_processes/--process_id need --multihost.")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines drown the progress bar
+        # ...but not the trainer's own lines (resumed / initialised from / eval results) when there is no bar.
+        logging.getLogger("colearn_jax").setLevel(logging.INFO)
+        config = _CONFIG.value
+        from colearn_jax.train import loop  # noqa: PLC0415
 
-        report = benchmark.compile_only_report(config)
-        if jax.process_index() == 0:
-            print(benchmark.format_result(report["result"]), file=sys.stderr)
-            print(json.dumps(report, indent=2, default=str))
-        return
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required (unless --compile_only).")
-    try:
-        loop.train(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, loop.NonFiniteError) as e:  # named errors: no traceback wall
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    specs = loop.metric_specs(config)
-    summarize(_WORKDIR.value, specs)
-    if jax.process_index() == 0:
+        if _COMPILE_ONLY.value:
+            import benchmark  # noqa: PLC0415 (experiments/benchmark.py: one FLOP/memory accounting for both)
+
+            report = benchmark.compile_only_report(config)
+            if jax.process_index() == 0:
+                print(benchmark.format_result(report["result"]), file=sys.stderr)
+                print(json.dumps(report, indent=2, default=str))
+            return
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required (unless --compile_only).")
+        try:
+            loop.train(config, _WORKDIR.value)
+        except (ValueError, FileNotFoundError, loop.NonFiniteError) as e:  # named errors: no traceback wall
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    if jax.process_index() == 0:  # the one that wrote metrics.jsonl
+        specs = loop.metric_specs(config)
+        summarize(_WORKDIR.value, specs)
         from colearn_jax.train.plots import plot_metrics  # noqa: PLC0415
 
         path = plot_metrics(_WORKDIR.value, specs=specs)

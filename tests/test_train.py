@@ -157,3 +157,45 @@ def test_train_step_runs_under_a_transfer_guard(tmp_path, monkeypatch):
     monkeypatch.setattr(TrainProgram, "place_batch", lambda self, batch: batch)
     with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
         loop.train(_config(), str(tmp_path))
+
+
+def test_nested_graceful_stops_share_the_outer_flag():
+    """experiments/train.py enters a GracefulStop right after jax.distributed.initialize(); the trainer's
+    own one inside it must see a signal that arrived before it started (e.g. during compilation)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with GracefulStop() as inner:
+            assert inner.requested and inner.agreed(1)
+        assert outer.requested
+        assert signal.getsignal(signal.SIGTERM) == outer._handle  # the inner one left the handler alone
+    assert signal.getsignal(signal.SIGTERM) == previous
+    with GracefulStop() as fresh:  # a new outermost one starts unsignalled
+        assert not fresh.requested
+
+
+def test_multiprocess_stop_is_decided_only_by_the_exchange(monkeypatch):
+    """Several processes: between exchanges nobody stops; at an exchange the local flag — or a JAX
+    preemption sync point seen since the last one — goes into the all-gather, whose answer decides."""
+    from colearn_jax.train import stop as stop_lib
+
+    exchanged, sync_points = [], {3}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(stop_lib, "_preemption_sync_point", lambda step: step in sync_points)
+    others = {"flag": False}
+
+    def exchange(flag):
+        exchanged.append(flag)
+        return flag or others["flag"]
+
+    monkeypatch.setattr(stop_lib, "_any_process", exchange)
+    with GracefulStop(sync_every=2) as stopper:
+        assert [stopper.agreed(s) for s in (1, 2)] == [False, False]
+        assert exchanged == [False]  # one exchange, at step 2
+        assert stopper.agreed(3) is False  # the sync point is latched, not acted on between exchanges
+        assert stopper.agreed(4) is True and exchanged[-1] is True
+    exchanged.clear()
+    sync_points.clear()
+    others["flag"] = True  # another process was signalled: this one stops at the same exchange
+    with GracefulStop(sync_every=2) as stopper:
+        assert [stopper.agreed(s) for s in (1, 2)] == [False, True] and exchanged == [False]

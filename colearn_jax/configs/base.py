@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     # "skip" (the update is dropped on device; more than max_consecutive_skips in a row stops).
     c.train.nonfinite = "stop"
     c.train.max_consecutive_skips = 10
-    # Multi-process runs: how often (steps) the processes agree on a stop request (a small all-reduce).
+    # Multi-process runs: how often (steps) the processes exchange stop requests (a tiny all-gather that
+    # waits for the step in flight); a SIGTERM on one host stops every host at the next exchange.
     c.train.stop_sync_every = 1
     # Keep the best parameters by this eval metric in <workdir>/best ("" disables), e.g. "zeroshot_top1".
     c.train.best_metric = ""

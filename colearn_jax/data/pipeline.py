@@ -154,8 +154,13 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     """Endless shuffled batches of this process's share of `data_cfg.batch_size`.
 
     Order: global shuffle (reshuffled each epoch) -> per-example random caption/augmentation
-    (seeded by the global position) -> every `process_count`-th example from `process_index`
-    -> batch. Deterministic given `seed`; `it.get_state()` / `it.set_state(state)` resume exactly.
+    (seeded by the global position) -> global batch k is examples `k*B .. k*B+B-1` of that stream
+    (B = `data_cfg.batch_size`), and this process gets its contiguous rows
+    `[process_index*b, (process_index+1)*b)` (b = B // process_count), as in `iterate_eval`.
+    Process p's rows land on process p's devices (`jax.make_array_from_process_local_data` with
+    the mesh ordered by process), so the global batch, and hence training, is the same whatever
+    the number of processes. Deterministic given `seed`; `it.get_state()` / `it.set_state(state)`
+    resume exactly (the state is per process: resume with the same process count).
     Orbax: save with `grain.checkpoint.CheckpointSave(it)` and restore into a fresh iterator
     with `grain.checkpoint.CheckpointRestore(it)` inside `ocp.args.Composite` (grain 0.2.18).
     `num_workers > 0` adds grain worker processes (same batches, but a different state format).
@@ -166,7 +171,8 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     transform = _ExampleTransform(data_cfg, tokenizer, _has(source[0], _opt(data_cfg, "label_key")))
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.random_map(transform)
-    ds = ds[process_index::process_count].batch(per, drop_remainder=True)
+    # Batches of b consecutive examples; global batch k is local batches k*P .. k*P+P-1.
+    ds = ds.batch(per, drop_remainder=True)[process_index::process_count]
     ids = ds.to_iter_dataset(_read_options(data_cfg))
     if int(_opt(data_cfg, "num_workers")) > 0:
         from absl import flags  # pylint: disable=import-outside-toplevel

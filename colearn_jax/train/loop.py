@@ -8,7 +8,10 @@ initialised from `config.train.init_from` — and streams the system's train dat
 `jax.transfer_guard("disallow")`. Periodic evals use the system's evaluator and its metric
 descriptions; `config.train.best_metric` keeps the best parameters in `<workdir>/best`. SIGTERM or
 Ctrl-C finishes the current step, saves a checkpoint (state + data position) and returns; the same
-command resumes and ends with exactly the parameters of an uninterrupted run. A non-finite loss or
+command resumes and ends with exactly the parameters of an uninterrupted run. With several processes
+(one per host) a signal to any one of them stops all at the same step (the next flag exchange, every
+`train.stop_sync_every` steps; see train/stop.py); process 0 alone writes metrics and TensorBoard,
+while every process takes part in each checkpoint (its shards, its data position) and each eval. A non-finite loss or
 gradient stops the run before anything is saved (or, with `train.nonfinite="skip"`, skips the update).
 """
 from __future__ import annotations
@@ -109,28 +112,32 @@ def train(config, workdir: str, *, hooks: Iterable[Callable[[int, TrainState], N
                              f"evaluator; choose one of {sorted(evaluator.metrics)}.")
         best = Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False, best_metric=tc.best_metric,
                             best_mode="max" if spec.higher_is_better else "min")
-    writer = MetricWriter(workdir) if is_main else None
-    try:
-        state, train_data, resumed = _initial_state(program, ckpt, system.make_train_data(config, ctx), say)
-        start = int(jax.device_get(state.step))
-        pbar.update(start)
-        if resumed is not None:
-            pbar.set_description(f"train (resumed at {start})")
-        if writer:
-            writer.truncate_after(start)
-        state = _run(program, state, train_data, start, ckpt, best, evaluator, writer, pbar, say, hooks)
-    finally:
-        # Commit any in-flight async save (the last good checkpoint) even when the run fails.
-        pbar.close()
-        ckpt.close()
-        if best is not None:
-            best.close()
-        if writer:
-            writer.close()
+    writer = MetricWriter(workdir) if is_main else None  # process 0 writes metrics.jsonl and TensorBoard
+    # Signals are caught from here on (restore, compile and the final save included): a SIGTERM before
+    # the first step stops the run after it.
+    with GracefulStop(tc.get("stop_sync_every", 1)) as stopper:
+        try:
+            state, train_data, resumed = _initial_state(program, ckpt, system.make_train_data(config, ctx), say)
+            start = int(jax.device_get(state.step))
+            pbar.update(start)
+            if resumed is not None:
+                pbar.set_description(f"train (resumed at {start})")
+            if writer:
+                writer.truncate_after(start)
+            state = _run(program, state, train_data, start, ckpt, best, evaluator, writer, pbar, say, hooks,
+                         stopper)
+        finally:
+            # Commit any in-flight async save (the last good checkpoint) even when the run fails.
+            pbar.close()
+            ckpt.close()
+            if best is not None:
+                best.close()
+            if writer:
+                writer.close()
     return state
 
 
-def _run(program, state, train_data, start, ckpt, best, evaluator, writer, pbar, say, hooks):
+def _run(program, state, train_data, start, ckpt, best, evaluator, writer, pbar, say, hooks, stopper):
     config, tc = program.config, program.config.train
     total = tc.num_steps
     skip_mode = tc.get("nonfinite", "stop") == "skip"
@@ -155,49 +162,48 @@ def _run(program, state, train_data, start, ckpt, best, evaluator, writer, pbar,
                 f"{done}; stopping. The last saved checkpoint in {ckpt.directory} is intact.")
         return total_bad
 
-    with GracefulStop(tc.get("stop_sync_every", 1)) as stopper:
-        for step in range(start, total):
-            batch = program.place_batch(next(train_data))
-            with jax.transfer_guard("disallow"):
-                state, metrics = step_fn(state, batch)
-            health = _update_health(health, metrics["nonfinite"])
-            done = step + 1
-            steps_since += 1
-            pbar.update(1)
-            for hook in hooks:
-                hook(done, state)
+    for step in range(start, total):
+        batch = program.place_batch(next(train_data))
+        with jax.transfer_guard("disallow"):
+            state, metrics = step_fn(state, batch)
+        health = _update_health(health, metrics["nonfinite"])
+        done = step + 1
+        steps_since += 1
+        pbar.update(1)
+        for hook in hooks:
+            hook(done, state)
 
-            if tc.log_every and (done % tc.log_every == 0 or done == total):
-                skipped = check_health(done, metrics)
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                ex_per_s = steps_since * config.data.batch_size / max(now - t_last, 1e-9)
-                t_last, steps_since = now, 0
-                row = {f"train/{k}": v for k, v in metrics.items() if k != "nonfinite"}
-                row["train/examples_per_sec"] = ex_per_s
-                if skip_mode:
-                    row["train/skipped_steps"] = skipped
-                pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{ex_per_s:.0f}")
-                if writer:
-                    writer.write(done, row)
+        if tc.log_every and (done % tc.log_every == 0 or done == total):
+            skipped = check_health(done, metrics)
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            ex_per_s = steps_since * config.data.batch_size / max(now - t_last, 1e-9)
+            t_last, steps_since = now, 0
+            row = {f"train/{k}": v for k, v in metrics.items() if k != "nonfinite"}
+            row["train/examples_per_sec"] = ex_per_s
+            if skip_mode:
+                row["train/skipped_steps"] = skipped
+            pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{ex_per_s:.0f}")
+            if writer:
+                writer.write(done, row)
 
-            if evaluator and tc.eval_every and (done % tc.eval_every == 0 or done == total):
-                check_health(done, metrics)
-                results = evaluator(program.model, state.variables())
-                if writer:
-                    writer.write(done, {f"eval/{k}": v for k, v in results.items()})
-                say(f"step {done}: " + ", ".join(f"{k}={describe(v, evaluator.metrics.get(k))}"
-                                                 for k, v in results.items()))
-                if best is not None:
-                    best.save_variables(done, state.variables(), config, metrics={k: float(v) for k, v in results.items()})
-                t_last = time.perf_counter()
+        if evaluator and tc.eval_every and (done % tc.eval_every == 0 or done == total):
+            check_health(done, metrics)
+            results = evaluator(program.model, state.variables())
+            if writer:
+                writer.write(done, {f"eval/{k}": v for k, v in results.items()})
+            say(f"step {done}: " + ", ".join(f"{k}={describe(v, evaluator.metrics.get(k))}"
+                                             for k, v in results.items()))
+            if best is not None:
+                best.save_variables(done, state.variables(), config, metrics={k: float(v) for k, v in results.items()})
+            t_last = time.perf_counter()
 
-            stop = stopper.agreed(done)
-            should_save = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total
-            if should_save or stop:
-                check_health(done, metrics)
-                ckpt.save(done, state, train_data, config, force=True)
-            if stop:
-                say(f"Stopped at step {done}; checkpoint saved in {ckpt.directory}. Run again to resume.")
-                break
+        stop = stopper.agreed(done)
+        should_save = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total
+        if should_save or stop:
+            check_health(done, metrics)
+            ckpt.save(done, state, train_data, config, force=True)
+        if stop:
+            say(f"Stopped at step {done}; checkpoint saved in {ckpt.directory}. Run again to resume.")
+            break
     return state
