@@ -94,6 +94,13 @@ def _drain_stray_callbacks(quiet_s: float = 0.5, max_wait_s: float = 10.0):
         sys.unraisablehook = previous
 
 
+def _short(e: Exception, limit: int = 400) -> str:
+    """'ValueError: DATA_LOSS: ...' without TensorStore's spec dumps, at most `limit` characters."""
+    text = str(e).split(" [tensorstore_spec")[0]
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(e).__name__}: {text}"
+
+
 def _listed(paths, limit: int = 5) -> str:
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     return ", ".join(paths[:limit]) + more
@@ -129,9 +136,11 @@ class Checkpointer:
         if best_metric:
             kw = dict(best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode,
                       keep_checkpoints_without_metrics=False)
+        if read_only:  # what Orbax would force anyway, without its warnings
+            kw.update(save_interval_steps=0)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only, **kw
+            max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only, **kw
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
         self._pending = None  # the step of the newest save (async: possibly still being written)
@@ -175,8 +184,8 @@ class Checkpointer:
         return out
 
     def _write(self, step: int, items: dict, **kw) -> bool:
-        try:  # an earlier async write that failed is reported for its own step
-            self.manager.check_for_errors()
+        try:  # Orbax waits for the previous async write anyway; one that failed is reported for its own step
+            self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 (Orbax re-raises the writer thread's error as is)
             failed, self._pending = self._pending, None
             raise self._save_error(failed, e) from e
@@ -211,13 +220,16 @@ class Checkpointer:
     def step_directory(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _restore(self, step: int, items: dict):
+    def _read(self, step: int, what: str, fn):
+        """`fn()` (an Orbax read of `step`); any failure is a CorruptCheckpointError naming the step."""
         try:
             with _drain_stray_callbacks():
-                return self.manager.restore(step, args=ocp.args.Composite(**items))
+                return fn()
         except Exception as e:  # surface which checkpoint is bad; the files are left untouched
-            text = str(e) if len(str(e)) <= 400 else str(e)[:400] + " ..."
-            raise CorruptCheckpointError(step, self.directory, f"unreadable ({type(e).__name__}: {text})") from e
+            raise CorruptCheckpointError(step, self.directory, f"unreadable {what} ({_short(e)})") from e
+
+    def _restore(self, step: int, items: dict):
+        return self._read(step, "+".join(items), lambda: self.manager.restore(step, args=ocp.args.Composite(**items)))
 
     def stored_checksums(self, step: int) -> dict:
         """The step's `checksums` item, or {} for checkpoints written before checksums existed."""
@@ -280,7 +292,7 @@ class Checkpointer:
 
     def stored_shapes(self, step: int) -> dict[str, dict[str, tuple]]:
         """{item: {path: shape}} of the stored `model` and `train` arrays, from metadata only."""
-        meta = self.manager.item_metadata(step)
+        meta = self._read(step, "metadata", lambda: self.manager.item_metadata(step))
         out = {}
         for name in ("model", "train"):
             tree = meta[name] if meta is not None else None
@@ -293,7 +305,7 @@ class Checkpointer:
 
     def variables_metadata(self, step: int):
         """Tree of the stored variables' metadata (shape, dtype) without reading any array."""
-        meta = self.manager.item_metadata(step)
+        meta = self._read(step, "metadata", lambda: self.manager.item_metadata(step))
         model = meta["model"] if meta is not None else None
         if model is None:
             raise FileNotFoundError(f"Checkpoint step {step} in {self.directory} has no 'model' item.")

@@ -96,10 +96,7 @@ def check_shapes(ckpt: Checkpointer, step: int, abstract_state) -> None:
     from colearn_jax.train.integrity import path_str  # noqa: PLC0415
     import jax  # noqa: PLC0415
 
-    try:
-        stored = ckpt.stored_shapes(step)
-    except Exception as e:  # noqa: BLE001 (unreadable metadata is a corrupt step)
-        raise CorruptCheckpointError(step, ckpt.directory, f"unreadable metadata ({type(e).__name__}: {e})") from e
+    stored = ckpt.stored_shapes(step)  # unreadable metadata: CorruptCheckpointError
     wanted = {name: {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
               for name, tree in (("model", abstract_state.variables()), ("train", abstract_state.progress()))}
     problems = []
