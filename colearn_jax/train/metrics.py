@@ -4,7 +4,8 @@ A resumed run repeats the steps after its checkpoint, so `truncate_after(step)` 
 interrupted segment logged after `step`: rows of metrics.jsonl, and events of the existing TensorBoard
 files (each file is rewritten without them, through a temporary file and an atomic rename; a record
 cut short by a kill is dropped too). Each segment then writes its own new events file, opened lazily
-at its first row, so no step appears twice per tag however often a run is killed and resumed.
+at its first row and written synchronously (each row is on disk when `write` returns, like the JSON
+line), so no step appears twice per tag and none is lost, however often a run is killed and resumed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import numpy as np
 
@@ -24,10 +26,14 @@ class MetricWriter:
         self._tb = None
 
     def _tensorboard(self):
+        """This segment's events file, written synchronously (tensorboardX's SummaryWriter queues events
+        in a thread that writes them up to `flush_secs` later, so a killed run lost its last rows)."""
         if self._tb is None and self.tb_dir:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415 (TensorBoard event files, no TF needed)
+            from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415 (no TF needed)
 
-            self._tb = SummaryWriter(self.tb_dir)
+            os.makedirs(self.tb_dir, exist_ok=True)
+            # a unique suffix: two segments started within one second must not share (and truncate) a file
+            self._tb = EventsWriter(os.path.join(self.tb_dir, "events"), f".{os.getpid()}.{time.time_ns()}")
         return self._tb
 
     def truncate_after(self, step: int):
@@ -46,9 +52,11 @@ class MetricWriter:
             f.write(json.dumps(row) + "\n")
         tb = self._tensorboard()
         if tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    tb.add_scalar(k, v, step)
+            from tensorboardX.proto import event_pb2, summary_pb2  # noqa: PLC0415
+
+            values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in row.items() if k != "step"]
+            tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                           summary=summary_pb2.Summary(value=values)))
             tb.flush()
 
     def close(self):
