@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import shutil
@@ -70,9 +71,10 @@ def _is_disk_full(e: BaseException | None) -> bool:
 def _drain_stray_callbacks(quiet_s: float = 0.5, max_wait_s: float = 10.0):
     """Orbax restores on a fresh event loop and closes it as soon as one read fails; every read still in
     flight then calls back into the closed loop and Python prints its 'RuntimeError: Event loop is
-    closed' as an unraisable exception — hundreds of tracebacks burying the real error. Inside this
-    context those (and only those) are dropped; after a failure it waits until they stop arriving
-    (`quiet_s` without one, at most `max_wait_s`)."""
+    closed' as an unraisable exception — hundreds of tracebacks burying the real error — and asyncio
+    logs 'Task exception was never retrieved' for the failed reads' siblings. Inside this context those
+    (and only those) are dropped; after a failure it waits until they stop arriving (`quiet_s` without
+    one, at most `max_wait_s`) and collects the orphaned tasks."""
     previous = sys.unraisablehook
     last = [time.monotonic()]
 
@@ -82,16 +84,23 @@ def _drain_stray_callbacks(quiet_s: float = 0.5, max_wait_s: float = 10.0):
             return
         previous(args)
 
+    def unretrieved(record):  # the failed gather's sibling tasks, logged by asyncio when collected
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
     sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(unretrieved)
     try:
         yield
     except BaseException:
         failed = last[0] = max(last[0], time.monotonic())
         while time.monotonic() - last[0] < quiet_s and time.monotonic() - failed < max_wait_s:
             time.sleep(0.05)
+        gc.collect()  # collect those tasks now, while their complaint is filtered
         raise
     finally:
         sys.unraisablehook = previous
+        asyncio_log.removeFilter(unretrieved)
 
 
 def _short(e: Exception, limit: int = 400) -> str:
