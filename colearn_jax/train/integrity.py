@@ -55,7 +55,10 @@ def _position_weights(shape) -> jax.Array:
 def _leaf_fingerprint(x):
     words = _words(x)
     checksum = jnp.sum(words * _position_weights(words.shape), dtype=jnp.uint32)
-    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    # x * 0 is NaN exactly where x is inf or NaN; a float sum is several times faster than an `all`
+    # reduction of booleans on XLA:CPU.
+    finite = (jnp.isfinite(jnp.sum(x * 0, dtype=jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating)
+              else jnp.bool_(True))
     return checksum, finite
 
 
