@@ -9,12 +9,13 @@ be the same run: a changed model, optimizer or schedule is refused unless
 --config.train.allow_config_change names it; a corrupt newest checkpoint is moved to
 <workdir>/checkpoints_quarantine and the previous one used). SIGTERM / Ctrl-C save a checkpoint and
 exit cleanly. Exit codes: 0 done; 2 a bad flag or config value (one line, nothing created); 1 the run
-failed (non-finite loss, a checkpoint that cannot be written or read), its last good checkpoint kept. `--compile_only` lowers and compiles the train
-step from abstract shapes (nothing is allocated) and prints the same JSON as
-`experiments/benchmark.py --compile_only` (`{"mode", "env", "result"}`): `result.flops_per_step` is the
-global XLA FLOPs of one step (every layer of a scanned stack counted, see `perf.step_flops`),
-`result.flops_per_step_per_device_xla` the compiled per-device count, `result.memory` the per-device
-memory plan; a readable table goes to stderr.
+failed (non-finite loss, a checkpoint that cannot be written or read), its last good checkpoint kept.
+
+`--compile_only` lowers and compiles the train step from abstract shapes (nothing is allocated) and
+prints the same JSON as `experiments/benchmark.py --compile_only` (`{"mode", "env", "result"}`):
+`result.flops_per_step` is the global XLA FLOPs of one step (every layer of a scanned stack counted,
+see `perf.step_flops`), `result.flops_per_step_per_device_xla` the compiled per-device count,
+`result.memory` the per-device memory plan; a readable table goes to stderr.
 On a TPU pod slice or multi-GPU hosts, pass --multihost (calls jax.distributed.initialize()).
 """
 from __future__ import annotations

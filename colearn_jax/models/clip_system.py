@@ -161,7 +161,8 @@ def validate_config(config) -> None:
     if config.eval.get("zeroshot"):
         for key in ("class_names", "templates"):
             if not config.eval.get(key):
-                raise ValueError(f"config.eval.{key} is empty; zero-shot eval needs it (or set config.eval.zeroshot=False).")
+                raise ValueError(f"config.eval.{key} is empty; zero-shot eval needs it (or set "
+                                 "config.eval.zeroshot=False).")
         if not all("{}" in t for t in config.eval.templates):
             raise ValueError("config.eval.templates: every template needs a '{}' for the class name.")
     if m.vision.image_size != d.image_size:

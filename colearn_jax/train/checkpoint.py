@@ -323,7 +323,8 @@ class Checkpointer:
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         config = self._restore(step, dict(config=ocp.args.JsonRestore()))["config"]
         if not isinstance(config, dict):
-            raise CorruptCheckpointError(step, self.directory, f"its config item is {type(config).__name__}, not a dict")
+            raise CorruptCheckpointError(step, self.directory,
+                                         f"its config item is {type(config).__name__}, not a dict")
         return ml_collections.ConfigDict(config)
 
     def wait(self):
