@@ -36,8 +36,6 @@ from jax.sharding import Mesh
 from colearn_jax.train import integrity
 from colearn_jax.train.state import TrainState
 
-log = logging.getLogger("colearn_jax")
-
 ITEMS = ("model", "train", "data", "config", "checksums")
 
 

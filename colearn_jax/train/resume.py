@@ -20,7 +20,10 @@ from __future__ import annotations
 import fnmatch
 import json
 
+import jax
+
 from colearn_jax.train.checkpoint import Checkpointer, CheckpointError, CorruptCheckpointError
+from colearn_jax.train.integrity import path_str
 
 # Generic fields (colearn_jax/configs/base.py) that may change between the segments of one run.
 FREE_KEYS = (
@@ -93,9 +96,6 @@ def check_config_change(stored, requested, *, free=(), where: str = "") -> list:
 
 def check_shapes(ckpt: Checkpointer, step: int, abstract_state) -> None:
     """Raises ConfigChangeError when the stored arrays do not fit the requested state (metadata only)."""
-    from colearn_jax.train.integrity import path_str  # noqa: PLC0415
-    import jax  # noqa: PLC0415
-
     stored = ckpt.stored_shapes(step)  # unreadable metadata: CorruptCheckpointError
     wanted = {name: {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
               for name, tree in (("model", abstract_state.variables()), ("train", abstract_state.progress()))}
