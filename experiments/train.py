@@ -4,13 +4,18 @@
   python experiments/train.py --config=configs/clip.py:vit_b16 --config.sharding=fsdp \
       --config.mesh.data=-1 --workdir=/tmp/clip_b16 --compile_only
 
-Running the same command again resumes from the newest checkpoint in <workdir>/checkpoints.
-SIGTERM / Ctrl-C save a checkpoint and exit cleanly. `--compile_only` lowers and compiles the train
-step from abstract shapes (nothing is allocated) and prints the same JSON as
-`experiments/benchmark.py --compile_only` (`{"mode", "env", "result"}`): `result.flops_per_step` is the
-global XLA FLOPs of one step (every layer of a scanned stack counted, see `perf.step_flops`),
-`result.flops_per_step_per_device_xla` the compiled per-device count, `result.memory` the per-device
-memory plan; a readable table goes to stderr.
+Running the same command again resumes from the newest checkpoint in <workdir>/checkpoints (it must
+be the same run: a changed model, optimizer or schedule is refused unless
+--config.train.allow_config_change names it; a corrupt newest checkpoint is moved to
+<workdir>/checkpoints_quarantine and the previous one used). SIGTERM / Ctrl-C save a checkpoint and
+exit cleanly. Exit codes: 0 done; 2 a bad flag or config value (one line, nothing created); 1 the run
+failed (non-finite loss, a checkpoint that cannot be written or read), its last good checkpoint kept.
+
+`--compile_only` lowers and compiles the train step from abstract shapes (nothing is allocated) and
+prints the same JSON as `experiments/benchmark.py --compile_only` (`{"mode", "env", "result"}`):
+`result.flops_per_step` is the global XLA FLOPs of one step (every layer of a scanned stack counted,
+see `perf.step_flops`), `result.flops_per_step_per_device_xla` the compiled per-device count,
+`result.memory` the per-device memory plan; a readable table goes to stderr.
 Multi-host: run the same command on every host with --multihost (jax.distributed.initialize(); on TPU
 pods, Slurm, Open MPI and Kubernetes it finds its peers, elsewhere add --coordinator_address=host0:port
 --num_processes=N --process_id=i). A SIGTERM on one host stops every host at the same step, after a
@@ -88,11 +93,14 @@ def main(argv):
             return
         if not _WORKDIR.value:
             raise app.UsageError("--workdir is required (unless --compile_only).")
+        from colearn_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
+
         try:
             loop.train(config, _WORKDIR.value)
-        except (ValueError, FileNotFoundError, loop.NonFiniteError) as e:  # named errors: no traceback wall
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except (ValueError, FileNotFoundError) as e:  # named errors: no traceback wall
+            _fail(str(e), 2)
+        except (loop.NonFiniteError, CheckpointError) as e:
+            _fail(str(e), 1)
     if jax.process_index() == 0:  # the one that wrote metrics.jsonl
         specs = loop.metric_specs(config)
         summarize(_WORKDIR.value, specs)
@@ -101,6 +109,43 @@ def main(argv):
         path = plot_metrics(_WORKDIR.value, specs=specs)
         if path:
             print(f"Training curves: {path}")
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _config_overrides(argv) -> tuple[str | None, list[str]]:
+    """(the --config file spec, the dotted keys of its --config.<key>=... overrides) in `argv`."""
+    spec, keys = None, []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--config."):
+            keys.append(arg[len("--config."):].split("=", 1)[0])
+    return spec, keys
+
+
+def parse_flags(argv):
+    """absl's flag parsing, except that a bad flag or an unknown config key is one line on stderr (with
+    a suggestion for a misspelt key) and exit code 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e), 2)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing field
+        spec, keys = _config_overrides(argv)
+        try:
+            from colearn_jax.config_checks import has_field, unknown_key_message  # noqa: PLC0415
+
+            config = flags.FLAGS["config"].parser.parse(spec)
+            missing = [k for k in keys if not has_field(config, k)]
+        except Exception:  # noqa: BLE001 (the config file itself is broken: show the original error)
+            missing = []
+        _fail(unknown_key_message(config, missing[0]) if missing else f"bad --config override: {e}", 2)
 
 
 def summarize(workdir: str, specs: dict):
@@ -119,4 +164,4 @@ def summarize(workdir: str, specs: dict):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

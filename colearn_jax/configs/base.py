@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.stop_sync_every = 1
     # Keep the best parameters by this eval metric in <workdir>/best ("" disables), e.g. "zeroshot_top1".
     c.train.best_metric = ""
+    # Resuming compares the stored config with the requested one and refuses any change to what the run
+    # computes (model, optimizer, schedule, loss, num_steps, ...). Name the changes you mean here,
+    # comma-separated keys, subtrees or globs, e.g. "train.num_steps" to lengthen a run; "*" allows all.
+    c.train.allow_config_change = ""
 
     c.eval = ml_collections.ConfigDict()
     return c

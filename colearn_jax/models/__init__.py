@@ -73,6 +73,9 @@ class System:
     constrain_params: Callable[[Any], Any] = _identity  # applied after every update
     # params -> bool tree (True: decayed). None: the default by shape and role (train/optimizer.py).
     weight_decay_mask: Callable[[Any], Any] | None = None
+    # The system's own config keys (or subtrees, globs) that may change when a run resumes because they
+    # change nothing it computes, e.g. a data directory; every other change is refused (train/resume.py).
+    resume_free_keys: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Callable[[], System]] = {}
