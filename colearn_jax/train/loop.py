@@ -125,12 +125,9 @@ def train(config, workdir: str, *, hooks: Iterable[Callable[[int, TrainState], N
     ctx = DataContext(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
     pbar = tqdm(total=tc.num_steps, disable=not (tc.progress_bar and is_main), desc="train", dynamic_ncols=True)
 
-    def say(message: str):  # visible with or without the progress bar, once per run
-        if pbar.disable:
-            if is_main:
-                print(message, flush=True)
-        else:
-            pbar.write(message)
+    # Above the progress bar when there is one, else the "colearn_jax" logger (experiments/train.py shows
+    # its INFO lines).
+    say = pbar.write if not pbar.disable else log.info
     warn = pbar.write if not pbar.disable else log.warning
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
