@@ -1,5 +1,6 @@
 """colearn_jax.data: tokenizers, CLIP image preprocessing, the `digits_captions` TFDS builder and
-grain pipelines. Names from `digits` and `pipeline` (which import TFDS and grain) load lazily."""
+grain pipelines and the device prefetcher. Names from `digits`, `pipeline` and `prefetch` (which
+import TFDS and grain) load lazily."""
 from colearn_jax.data.image_ops import (CLIP_MEAN, CLIP_STD, clip_preprocess, normalize,
                                         random_translate, resize_short_side_center_crop)
 from colearn_jax.data.tokenizers import (ByteTokenizer, ClipBpeTokenizer, find_clip_vocab,
@@ -9,7 +10,7 @@ _LAZY = {
     "DigitsCaptions": "digits", "CLASS_NAMES": "digits", "ZEROSHOT_TEMPLATES": "digits",
     "CAPTION_TEMPLATES": "digits", "ensure_built": "digits",
     "make_source": "pipeline", "make_train_iterator": "pipeline", "iterate_eval": "pipeline",
-    "default_data_config": "pipeline",
+    "default_data_config": "pipeline", "device_prefetch": "prefetch", "DevicePrefetcher": "prefetch",
 }
 
 __all__ = [
