@@ -1,7 +1,7 @@
 """colearn_jax.data: tokenizers, CLIP image preprocessing, the `digits_captions` TFDS builder and
 grain pipelines and the device prefetcher. Names from `digits`, `pipeline` and `prefetch` (which
 import TFDS and grain) load lazily."""
-from colearn_jax.data.image_ops import (CLIP_MEAN, CLIP_STD, clip_preprocess, normalize,
+from colearn_jax.data.image_ops import (CLIP_MEAN, CLIP_STD, clip_preprocess, device_normalize, normalize,
                                         random_translate, resize_short_side_center_crop)
 from colearn_jax.data.tokenizers import (ByteTokenizer, ClipBpeTokenizer, find_clip_vocab,
                                          get_tokenizer)
@@ -14,7 +14,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "clip_preprocess", "normalize", "random_translate",
+    "CLIP_MEAN", "CLIP_STD", "clip_preprocess", "device_normalize", "normalize", "random_translate",
     "resize_short_side_center_crop", "ByteTokenizer", "ClipBpeTokenizer", "find_clip_vocab",
     "get_tokenizer", *_LAZY,
 ]
