@@ -71,7 +71,17 @@ LOSS_NAMES = ("clip", "siglip", "ntxent")
 GATHER_MODES = ("auto", "all_gather", "ring")
 DEFAULT_LOSS_BATCHES = (1024, 8192, 65536, 524288)
 
+
+def default_pipeline_config(argv: list[str]) -> list[str]:
+    """`--pipeline` without `--config=...` means configs/clip.py:digits (the other modes: vit_b16).
+    Inserted into argv before flags are parsed, so `--config.x=y` overrides still apply."""
+    if "--pipeline" in argv and not any(a.startswith(("--config=", "-config=")) for a in argv):
+        return [argv[0], f"--config={os.path.join(ROOT, 'configs/clip.py')}:digits", *argv[1:]]
+    return argv
+
+
 if __name__ == "__main__":  # flags only when run as a script (tests import the functions)
+    sys.argv[:] = default_pipeline_config(sys.argv)  # before DEFINE_config_file, which reads sys.argv
     _CONFIG = config_flags.DEFINE_config_file(
         "config", os.path.join(ROOT, "configs/clip.py:vit_b16"), "Config file with preset, e.g. configs/clip.py:digits.",
         lock_config=True)
@@ -374,20 +384,22 @@ def time_pipeline(iterator, place=None, *, warmup: int, batches: int) -> dict:
 
 def time_loop(step, state, batches, *, warmup: int, steps: int):
     """The trainer's loop: `state, metrics = step(state, next(batches))` under a transfer guard,
-    dispatched asynchronously and blocked on once at the end. Returns (state, seconds per step)."""
+    dispatched asynchronously and blocked on once at the end.
+
+    Returns (state, wall seconds per step, process CPU seconds per step)."""
     import jax  # noqa: PLC0415
 
     metrics = None
     for _ in range(warmup):
         state, metrics = step(state, next(batches))
     perf.block((state, metrics))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         batch = next(batches)
         with jax.transfer_guard("disallow"):
             state, metrics = step(state, batch)
     perf.block((state, metrics))
-    return state, (time.perf_counter() - t0) / steps
+    return state, (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def _data_settings(config, prefetch: int) -> dict:
@@ -403,8 +415,10 @@ def benchmark_pipeline(config, *, devices=None, steps: int = 40, warmup: int = 5
     """Input pipeline alone, step alone and the prefetched loop on one compiled step (see the module doc).
 
     Each round times the pipeline alone, then the step alone, then the loop. Returns examples/s of
-    each (medians over the rounds), the host CPU milliseconds the pipeline spends per batch, and
-    `loop_over_step` = loop examples/s / step-alone examples/s.
+    each (medians over the rounds), the process CPU milliseconds per batch of the pipeline alone and
+    per step of step alone and loop (their difference is what the pipeline adds to a step, a figure
+    that a busy shared host disturbs less than wall time), and `loop_over_step` = loop examples/s /
+    step-alone examples/s.
     """
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -450,25 +464,28 @@ def benchmark_pipeline(config, *, devices=None, steps: int = 40, warmup: int = 5
     rows = batch // jax.process_count()
     fixed = [place(synthetic_batch(parts["example"], config, seed + i + 1000 * jax.process_index(), process_rows=rows))
              for i in range(2)]
-    host_s, host_cpu_s, placed_s, step_s, loop_s = [], [], [], [], []
+    host_s, host_cpu_s, placed_s, step_s, step_cpu_s, loop_s, loop_cpu_s = [], [], [], [], [], [], []
     with jax.set_mesh(mesh):
         for _ in range(rounds):
             host, placed = pipeline_alone()
             host_s.append(host["batch_s"])
             host_cpu_s.append(host["host_cpu_s_per_batch"])
             placed_s.append(placed["batch_s"])
+            c0 = time.process_time()
             state, times = perf.time_steps(parts["compiled"], state, fixed, warmup=warmup, steps=steps)
+            step_cpu_s.append((time.process_time() - c0) / (warmup + steps))
             step_s.append(statistics.fmean(times))
             if prefetch:
                 from colearn_jax.data import device_prefetch  # noqa: PLC0415
 
                 with device_prefetch(train_iterator(), place, buffer_size=prefetch) as batches:
-                    state, seconds = time_loop(loop_step, state, batches, warmup=warmup, steps=steps)
+                    state, seconds, cpu = time_loop(loop_step, state, batches, warmup=warmup, steps=steps)
             else:  # as the trainer did before device_prefetch: place inline
                 it = train_iterator()
-                state, seconds = time_loop(loop_step, state, (place(b) for b in it), warmup=warmup, steps=steps)
+                state, seconds, cpu = time_loop(loop_step, state, (place(b) for b in it), warmup=warmup, steps=steps)
                 it.close()
             loop_s.append(seconds)
+            loop_cpu_s.append(cpu)
     del state
     med = statistics.median
     step_med, loop_med = med(step_s), med(loop_s)
@@ -482,8 +499,10 @@ def benchmark_pipeline(config, *, devices=None, steps: int = 40, warmup: int = 5
         "pipeline_place_ms_per_batch": 1e3 * (med(placed_s) - med(host_s)),
         "step_examples_per_s": batch / step_med,
         "step_ms_rounds": [1e3 * t for t in step_s],
+        "step_cpu_ms_per_step": 1e3 * med(step_cpu_s),
         "loop_examples_per_s": batch / loop_med,
         "loop_ms_rounds": [1e3 * t for t in loop_s],
+        "loop_cpu_ms_per_step": 1e3 * med(loop_cpu_s),
         "loop_over_step": step_med / loop_med,
     }
 
@@ -496,9 +515,10 @@ def format_pipeline(r: dict) -> str:
          f"{r['pipeline_host_cpu_ms_per_batch']:.1f} ms host CPU / batch"),
         ("pipeline alone: + placement", perf.fmt_num(r["pipeline_examples_per_s"], 0),
          f"placement {r['pipeline_place_ms_per_batch']:+.1f} ms / batch"),
-        ("step alone (fixed device batch)", perf.fmt_num(step, 0), f"ms/step per round: {ms(r['step_ms_rounds'])}"),
+        ("step alone (fixed device batch)", perf.fmt_num(step, 0),
+         f"ms/step per round: {ms(r['step_ms_rounds'])}; CPU {r['step_cpu_ms_per_step']:.0f} ms/step"),
         (f"loop (prefetch {r['config']['data']['device_prefetch']})", perf.fmt_num(r["loop_examples_per_s"], 0),
-         f"ms/step per round: {ms(r['loop_ms_rounds'])}"),
+         f"ms/step per round: {ms(r['loop_ms_rounds'])}; CPU {r['loop_cpu_ms_per_step']:.0f} ms/step"),
         ("loop / step alone", perf.fmt_pct(r["loop_over_step"]), ""),
     ]
     return perf.format_table(rows, ("measurement", "examples/s", "notes"))
@@ -650,16 +670,6 @@ def plot_loss_memory(rows: list[dict], path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def load_config_file(path: str, arg: str):
-    """`get_config(arg)` of the config file at `path` (what --config=path:arg loads)."""
-    import importlib.util  # noqa: PLC0415
-
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def _write(path: str, payload: dict):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -725,8 +735,6 @@ def main(argv):
         return
 
     if FLAGS.pipeline:
-        if not FLAGS["config"].present:  # this mode's default is the CPU demo, not vit_b16
-            config = load_config_file(os.path.join(ROOT, "configs/clip.py"), "digits")
         result = benchmark_pipeline(config, steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
                                     prefetch=FLAGS.prefetch, batch_size=FLAGS.batch_size or None)
         env["loadavg_1m_after"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
