@@ -214,50 +214,62 @@ def _run(program, state, train_data, start, ckpt, best, evaluator, writer, pbar,
             reported_skips = int(h["total"])
         return int(h["total"])
 
-    for step in range(start, total):
-        batch = program.place_batch(next(train_data))
-        with jax.transfer_guard("disallow"):
-            state, metrics = step_fn(state, batch)
-        if health is None:
-            health = _initial_health(metrics)
-        health = _update_health(health, metrics, state.step)
-        done = step + 1
-        steps_since += 1
-        pbar.update(1)
-        for hook in hooks:
-            hook(done, state)
+    # The data position saved with a checkpoint is that of the last batch the step consumed, also when
+    # a prefetcher has placed the next ones on the mesh already (data/prefetch.py).
+    prefetch = int(config.data.get("prefetch", 0))
+    if prefetch:
+        from colearn_jax.data.prefetch import device_prefetch  # noqa: PLC0415
 
-        if tc.log_every and (done % tc.log_every == 0 or done == total):
-            skipped = check_health(done)
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            ex_per_s = steps_since * config.data.batch_size / max(now - t_last, 1e-9)
-            t_last, steps_since = now, 0
-            row = {f"train/{k}": v for k, v in metrics.items() if k != "nonfinite"}
-            row["train/examples_per_sec"] = ex_per_s
-            if skip_mode:
-                row["train/skipped_steps"] = skipped
-            pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{ex_per_s:.0f}")
-            if writer:
-                writer.write(done, row)
+        train_data = device_prefetch(train_data, program.place_batch, buffer_size=prefetch)
+    next_batch = (lambda: next(train_data)) if prefetch else (lambda: program.place_batch(next(train_data)))
+    try:
+        for step in range(start, total):
+            batch = next_batch()
+            with jax.transfer_guard("disallow"):
+                state, metrics = step_fn(state, batch)
+            if health is None:
+                health = _initial_health(metrics)
+            health = _update_health(health, metrics, state.step)
+            done = step + 1
+            steps_since += 1
+            pbar.update(1)
+            for hook in hooks:
+                hook(done, state)
 
-        if evaluator and tc.eval_every and (done % tc.eval_every == 0 or done == total):
-            check_health(done)
-            results = evaluator(program.model, state.variables())
-            if writer:
-                writer.write(done, {f"eval/{k}": v for k, v in results.items()})
-            say(f"step {done}: " + ", ".join(f"{k}={describe(v, evaluator.metrics.get(k))}"
-                                             for k, v in results.items()))
-            if best is not None:
-                best.save_variables(done, state.variables(), config, metrics={k: float(v) for k, v in results.items()})
-            t_last = time.perf_counter()
+            if tc.log_every and (done % tc.log_every == 0 or done == total):
+                skipped = check_health(done)
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                ex_per_s = steps_since * config.data.batch_size / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                row = {f"train/{k}": v for k, v in metrics.items() if k != "nonfinite"}
+                row["train/examples_per_sec"] = ex_per_s
+                if skip_mode:
+                    row["train/skipped_steps"] = skipped
+                pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", ex_s=f"{ex_per_s:.0f}")
+                if writer:
+                    writer.write(done, row)
 
-        stop = stopper.agreed(done)
-        should_save = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total
-        if should_save or stop:
-            check_health(done)
-            ckpt.save(done, state, train_data, config, force=True)
-        if stop:
-            say(f"Stopped at step {done}; checkpoint saved in {ckpt.directory}. Run again to resume.")
-            break
+            if evaluator and tc.eval_every and (done % tc.eval_every == 0 or done == total):
+                check_health(done)
+                results = evaluator(program.model, state.variables())
+                if writer:
+                    writer.write(done, {f"eval/{k}": v for k, v in results.items()})
+                say(f"step {done}: " + ", ".join(f"{k}={describe(v, evaluator.metrics.get(k))}"
+                                                 for k, v in results.items()))
+                if best is not None:
+                    best.save_variables(done, state.variables(), config, metrics={k: float(v) for k, v in results.items()})
+                t_last = time.perf_counter()
+
+            stop = stopper.agreed(done)
+            should_save = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total
+            if should_save or stop:
+                check_health(done)
+                ckpt.save(done, state, train_data, config, force=True)
+            if stop:
+                say(f"Stopped at step {done}; checkpoint saved in {ckpt.directory}. Run again to resume.")
+                break
+    finally:
+        if prefetch:
+            train_data.close()
     return state
