@@ -68,7 +68,7 @@ class System:
     describe_metrics: Callable[[Any], dict] | None = None  # config -> {name: MetricSpec} of the evaluator
     validate_config: Callable[[Any], None] = _no_checks  # raises ValueError naming the config key
     rng_streams: tuple[str, ...] = ("dropout",)  # drawn per step from (seed, step); see train/rng.py
-    make_batch_transform: Callable[[Any], BatchTransform] | None = None  # config -> on-device transform
+    make_batch_transform: Callable[[Any], BatchTransform | None] | None = None  # config -> on-device transform
     apply_model: Callable[..., Any] = apply_model  # the forward inside the train step
     constrain_params: Callable[[Any], Any] = _identity  # applied after every update
     # params -> bool tree (True: decayed). None: the default by shape and role (train/optimizer.py).
