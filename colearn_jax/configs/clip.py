@@ -78,6 +78,8 @@ def _base() -> ml_collections.ConfigDict:
     c.data.tokenizer = "byte"  # byte | clip_bpe
     c.data.vocab_path = config_dict.placeholder(str)  # bpe_simple_vocab_16e6.txt.gz for clip_bpe
     c.data.cache_decoded = True  # decode the 1497 digits once (4.6 MiB) instead of every epoch
+    # Several datasets at once: [{"name": ..., "weight": w, <other data fields to override>}, ...]
+    c.data.mixture = []
     c.data.normalize_on_device = False  # True: uint8 batches, normalised inside the step (4x fewer bytes)
 
     c.optim.name = "adamw"

@@ -249,6 +249,29 @@ def _read_options(cfg) -> grain.ReadOptions:
                              prefetch_buffer_size=int(_opt(cfg, "prefetch_buffer_size")))
 
 
+def _mixture(data_cfg, tokenizer, seed: int) -> grain.MapDataset:
+    """`config.data.mixture`: each entry's fields override `config.data` for one dataset; the transformed
+    datasets are interleaved by weight (data/mixture.py). All must yield the same features."""
+    from colearn_jax.data import mixture  # noqa: PLC0415
+
+    parts, weights, with_label = [], [], None
+    for i, (overrides, weight) in enumerate(mixture.component_configs(data_cfg)):
+        cfg = data_cfg.copy_and_resolve_references()
+        cfg.unlock()
+        cfg.update(overrides)
+        cfg.mixture = []
+        source = _source(cfg, _opt(cfg, "train_split"))
+        labelled = _has(source[0], _opt(cfg, "label_key"))
+        if with_label is not None and labelled != with_label:
+            raise ValueError(f"config.data.mixture[{i}] ({cfg.name}) {'has' if labelled else 'lacks'} labels "
+                             "unlike the datasets before it; set label_key=None to mix them.")
+        with_label = labelled
+        parts.append(grain.MapDataset.source(source).seed(seed + 1000 * (i + 1)).random_map(
+            _ExampleTransform(cfg, tokenizer, labelled)))
+        weights.append(weight)
+    return mixture.mix(parts, weights, seed=seed)
+
+
 def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's share of `data_cfg.batch_size`.
@@ -268,10 +291,13 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     """
     per = _per_process(int(data_cfg.batch_size), process_index, process_count,
                        "config.data.batch_size")
-    source = _source(data_cfg, _opt(data_cfg, "train_split"))
-    transform = _ExampleTransform(data_cfg, tokenizer, _has(source[0], _opt(data_cfg, "label_key")))
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    ds = ds.random_map(transform)
+    if data_cfg.get("mixture"):
+        ds = _mixture(data_cfg, tokenizer, seed)
+    else:
+        source = _source(data_cfg, _opt(data_cfg, "train_split"))
+        transform = _ExampleTransform(data_cfg, tokenizer, _has(source[0], _opt(data_cfg, "label_key")))
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+        ds = ds.random_map(transform)
     # Batches of b consecutive examples; global batch k is local batches k*P .. k*P+P-1.
     ds = ds.batch(per, drop_remainder=True)[process_index::process_count].map(_BatchFinish(data_cfg))
     ids = ds.to_iter_dataset(_read_options(data_cfg))
