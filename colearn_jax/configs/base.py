@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 128  # global, split evenly over processes and data-parallel devices
     c.data.eval_batch_size = 100  # global
     c.data.prefetch = 2  # batches placed on the mesh ahead of the step (0: none)
+    # grain reader settings, for systems whose pipeline reads with grain (colearn_jax.data.pipeline)
+    c.data.num_threads = 4  # reader threads per process
+    c.data.prefetch_buffer_size = 64
+    c.data.num_workers = 0  # >0: grain worker processes after batching (mp_prefetch)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | sgd | lars
