@@ -128,8 +128,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def check_process_rows(index_map: dict, global_rows: int, process_count: int) -> None:
+    """Raises unless process p's devices hold exactly rows [p*b, (p+1)*b) of a global batch.
+
+    `index_map` is `sharding.devices_indices_map((global_rows,))` ({device: (row slice, ...)}). The data
+    pipelines give process p that contiguous block of every global batch (b = global_rows // process_count),
+    so with this layout the global batch is the one a single process would build, and each process's
+    rows are exactly what its devices hold.
+    """
+    held: dict[int, set] = {}
+    for device, index in index_map.items():
+        held.setdefault(device.process_index, set()).update(range(global_rows)[index[0]])
+    per = global_rows // process_count
+    for p in range(process_count):
+        rows = held.get(p, set())
+        if rows != set(range(p * per, (p + 1) * per)):
+            got = f"rows {min(rows)}..{max(rows)} ({len(rows)} of them)" if rows else "no rows"
+            raise ValueError(
+                f"Process {p}'s devices hold {got} of each global batch of {global_rows}, but process {p} feeds "
+                f"rows {p * per}..{(p + 1) * per - 1}. Order the mesh's batch axes by process (jax.devices() "
+                "order) and keep mesh axes that are not batch axes (config.mesh.model) within one host.")
+
+
+_CHECKED_LAYOUTS: set = set()
+
+
 def shard_batch(batch: dict, mesh: Mesh, rules) -> dict:
-    """Places a host batch (this process's rows) as global arrays sharded over the data axes."""
+    """Places a host batch (this process's rows) as global arrays sharded over the data axes.
+
+    Several processes: each passes its contiguous block of rows (process p: rows [p*b, (p+1)*b) of the
+    global batch, see `check_process_rows`), and `jax.make_array_from_process_local_data` assembles
+    the global array without moving data between hosts.
+    """
     sharding = batch_sharding(mesh, rules)
 
     def place(x):
@@ -137,6 +167,9 @@ def shard_batch(batch: dict, mesh: Mesh, rules) -> dict:
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        if (sharding, global_shape[0]) not in _CHECKED_LAYOUTS:
+            check_process_rows(sharding.devices_indices_map(global_shape[:1]), global_shape[0], jax.process_count())
+            _CHECKED_LAYOUTS.add((sharding, global_shape[0]))
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(place, batch)

@@ -11,7 +11,7 @@ times it on synthetic batches (random images / token ids of the config's shapes,
   python experiments/benchmark.py --config=configs/clip.py:vit_b16 --num_cpu_devices=8 --compile_only \
       --config.sharding=fsdp --config.model.remat_policy=full   # memory plan only, nothing runs
   python experiments/benchmark.py --config=configs/simclr.py:resnet50_imagenet --num_cpu_devices=8 \
-      --compile_only --config.loss.gather=ring   # SimCLR ResNet-50, batch 4096 (RESULTS.md §7)
+      --compile_only --config.loss.gather=ring   # SimCLR ResNet-50, batch 4096 (RESULTS.md §8)
   python experiments/benchmark.py --config=configs/simclr.py:digit_scenes   # SimCLR's CPU demo step
 
 Reports lower/compile time, the median step time over `--steps` steps after `--warmup` steps
@@ -36,6 +36,19 @@ Compile time (`--compile_time`): lower + compile of the train step of `--config`
 vit_b16) from abstract shapes with `config.model.scan` True and False, each in a fresh process:
 
   python experiments/benchmark.py --compile_time --config=configs/clip.py:vit_b16 --repeats=3 --out=/tmp/compile.json
+
+Input pipeline (`--pipeline`; default config configs/clip.py:digits): side by side, on the real
+training data of the config,
+  pipeline alone  host iterator (`data.make_train_iterator`), then + placement (`sharding.shard_batch`,
+                  blocked), no step;
+  step alone      the compiled step on two fixed device batches (as the default mode);
+  loop            iterator -> `data.device_prefetch(place, --prefetch)` -> step, as the trainer runs it
+                  (async dispatch, one block at the end; `--prefetch=0` places inline in the loop);
+and the ratio loop / step alone (its mean step time, i.e. the same total-time accounting). The three
+alternate for `--rounds` rounds on one compiled step; the table shows medians over rounds:
+
+  python experiments/benchmark.py --pipeline --steps=40 --rounds=3 --out=/tmp/pipeline.json
+  python experiments/benchmark.py --pipeline --config.data.num_workers=2 --prefetch=0   # variants
 
 On GPU/TPU the same commands run unchanged (drop --num_cpu_devices); pass --multihost on a TPU pod
 slice or multi-GPU hosts to call jax.distributed.initialize() (every process runs the same command;
@@ -62,7 +75,17 @@ LOSS_NAMES = ("clip", "siglip", "ntxent")
 GATHER_MODES = ("auto", "all_gather", "ring")
 DEFAULT_LOSS_BATCHES = (1024, 8192, 65536, 524288)
 
+
+def default_pipeline_config(argv: list[str]) -> list[str]:
+    """`--pipeline` without `--config=...` means configs/clip.py:digits (the other modes: vit_b16).
+    Inserted into argv before flags are parsed, so `--config.x=y` overrides still apply."""
+    if "--pipeline" in argv and not any(a.startswith(("--config=", "-config=")) for a in argv):
+        return [argv[0], f"--config={os.path.join(ROOT, 'configs/clip.py')}:digits", *argv[1:]]
+    return argv
+
+
 if __name__ == "__main__":  # flags only when run as a script (tests import the functions)
+    sys.argv[:] = default_pipeline_config(sys.argv)  # before DEFINE_config_file, which reads sys.argv
     _CONFIG = config_flags.DEFINE_config_file(
         "config", os.path.join(ROOT, "configs/clip.py:vit_b16"), "Config file with preset, e.g. configs/clip.py:digits.",
         lock_config=True)
@@ -87,6 +110,9 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_integer("cell_timeout", 900, "Seconds per subprocess cell (--loss_memory, --compile_time); "
                          "0 runs every cell in this process without a limit.")
     flags.DEFINE_string("cell", "", "Internal: run one cell given as JSON and print its result as JSON.")
+    flags.DEFINE_bool("pipeline", False, "Input pipeline alone vs step alone vs the loop (default config: digits).")
+    flags.DEFINE_integer("prefetch", 2, "--pipeline: device_prefetch buffer size in the loop; 0 places inline.")
+    flags.DEFINE_integer("rounds", 3, "--pipeline: alternating step-alone / loop rounds (medians are reported).")
 FLAGS = flags.FLAGS
 
 
@@ -316,6 +342,154 @@ def _g(x):
     return None if x is None else x / 1e9
 
 
+# ----------------------------------------------------------------------------- input pipeline
+def time_pipeline(iterator, place=None, *, warmup: int, batches: int) -> dict:
+    """Wall and process-CPU time of `batches` batches from `iterator` (each placed with `place` and
+    blocked on when given) after `warmup` untimed ones; no step runs."""
+    for _ in range(warmup):
+        batch = next(iterator)
+        if place is not None:
+            perf.block(place(batch))
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        batch = next(iterator)
+        if place is not None:
+            perf.block(place(batch))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"batch_s": wall / batches, "host_cpu_s_per_batch": cpu / batches}
+
+
+def time_loop(step, state, batches, *, warmup: int, steps: int):
+    """The trainer's loop: `state, metrics = step(state, next(batches))` under a transfer guard,
+    dispatched asynchronously and blocked on once at the end.
+
+    Returns (state, wall seconds per step, process CPU seconds per step)."""
+    import jax  # noqa: PLC0415
+
+    metrics = None
+    for _ in range(warmup):
+        state, metrics = step(state, next(batches))
+    perf.block((state, metrics))
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        batch = next(batches)
+        with jax.transfer_guard("disallow"):
+            state, metrics = step(state, batch)
+    perf.block((state, metrics))
+    return state, (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def _data_settings(config, prefetch: int) -> dict:
+    """The data settings that decide the pipeline's speed, as the pipeline resolves them."""
+    from colearn_jax.data import pipeline  # noqa: PLC0415
+
+    keys = ("num_threads", "prefetch_buffer_size", "num_workers", "cache_decoded", "normalize_on_device")
+    return {**{k: pipeline._opt(config.data, k) for k in keys}, "device_prefetch": prefetch}  # noqa: SLF001
+
+
+def benchmark_pipeline(config, *, devices=None, steps: int = 40, warmup: int = 5, rounds: int = 3,
+                       prefetch: int = 2, batch_size: int | None = None, seed: int = 0) -> dict:
+    """Input pipeline alone, step alone and the prefetched loop on one compiled step (see the module doc).
+
+    Each round times the pipeline alone, then the step alone, then the loop. Returns examples/s of
+    each (medians over the rounds), the process CPU milliseconds per batch of the pipeline alone and
+    per step of step alone and loop (their difference is what the pipeline adds to a step, a figure
+    that a busy shared host disturbs less than wall time), and `loop_over_step` = loop examples/s /
+    step-alone examples/s.
+    """
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from colearn_jax import sharding  # noqa: PLC0415
+    from colearn_jax.data import get_tokenizer, make_train_iterator  # noqa: PLC0415
+
+    if rounds < 1:
+        raise ValueError(f"--rounds={rounds} must be >= 1.")
+    parts = lower_train_step(config, devices=devices, batch_size=batch_size)
+    config, mesh, rules, system = parts["config"], parts["mesh"], parts["rules"], parts["system"]
+    batch = config.data.batch_size
+    tokenizer = get_tokenizer(config.data.tokenizer, config.data.get("vocab_path"))
+    settings = _data_settings(config, prefetch)
+    loop_step = parts["program"].step  # the trainer's step (with the system's on-device batch transform)
+
+    def place(host_batch):
+        return sharding.shard_batch(host_batch, mesh, rules)
+
+    def train_iterator():
+        return make_train_iterator(config.data, tokenizer, seed=config.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+    def pipeline_alone():
+        it = train_iterator()
+        host = time_pipeline(it, warmup=warmup, batches=steps)
+        placed = time_pipeline(it, place, warmup=1, batches=steps)
+        it.close()
+        return host, placed
+
+    state = parts["program"].init_state()
+    rows = batch // jax.process_count()
+    fixed = [place(synthetic_batch(parts["example"], config, seed + i + 1000 * jax.process_index(), process_rows=rows))
+             for i in range(2)]
+    host_s, host_cpu_s, placed_s, step_s, step_cpu_s, loop_s, loop_cpu_s = [], [], [], [], [], [], []
+    with jax.set_mesh(mesh):
+        for _ in range(rounds):
+            host, placed = pipeline_alone()
+            host_s.append(host["batch_s"])
+            host_cpu_s.append(host["host_cpu_s_per_batch"])
+            placed_s.append(placed["batch_s"])
+            c0 = time.process_time()
+            state, times = perf.time_steps(parts["compiled"], state, fixed, warmup=warmup, steps=steps)
+            step_cpu_s.append((time.process_time() - c0) / (warmup + steps))
+            step_s.append(statistics.fmean(times))
+            if prefetch:
+                from colearn_jax.data import device_prefetch  # noqa: PLC0415
+
+                with device_prefetch(train_iterator(), place, buffer_size=prefetch) as batches:
+                    state, seconds, cpu = time_loop(loop_step, state, batches, warmup=warmup, steps=steps)
+            else:  # as the trainer did before device_prefetch: place inline
+                it = train_iterator()
+                state, seconds, cpu = time_loop(loop_step, state, (place(b) for b in it), warmup=warmup, steps=steps)
+                it.close()
+            loop_s.append(seconds)
+            loop_cpu_s.append(cpu)
+    del state
+    med = statistics.median
+    step_med, loop_med = med(step_s), med(loop_s)
+    return {
+        "config": {"model": config.model.name, "global_batch": batch, "devices": mesh.size, "mesh": dict(mesh.shape),
+                   "data": settings},
+        "steps": steps, "warmup": warmup, "rounds": rounds,
+        "pipeline_host_examples_per_s": batch / med(host_s),
+        "pipeline_examples_per_s": batch / med(placed_s),
+        "pipeline_host_cpu_ms_per_batch": 1e3 * med(host_cpu_s),
+        "pipeline_place_ms_per_batch": 1e3 * (med(placed_s) - med(host_s)),
+        "step_examples_per_s": batch / step_med,
+        "step_ms_rounds": [1e3 * t for t in step_s],
+        "step_cpu_ms_per_step": 1e3 * med(step_cpu_s),
+        "loop_examples_per_s": batch / loop_med,
+        "loop_ms_rounds": [1e3 * t for t in loop_s],
+        "loop_cpu_ms_per_step": 1e3 * med(loop_cpu_s),
+        "loop_over_step": step_med / loop_med,
+    }
+
+
+def format_pipeline(r: dict) -> str:
+    step = r["step_examples_per_s"]
+    ms = lambda xs: " ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    rows = [
+        ("pipeline alone: host iterator", perf.fmt_num(r["pipeline_host_examples_per_s"], 0),
+         f"{r['pipeline_host_cpu_ms_per_batch']:.1f} ms host CPU / batch"),
+        ("pipeline alone: + placement", perf.fmt_num(r["pipeline_examples_per_s"], 0),
+         f"placement {r['pipeline_place_ms_per_batch']:+.1f} ms / batch"),
+        ("step alone (fixed device batch)", perf.fmt_num(step, 0),
+         f"ms/step per round: {ms(r['step_ms_rounds'])}; CPU {r['step_cpu_ms_per_step']:.0f} ms/step"),
+        (f"loop (prefetch {r['config']['data']['device_prefetch']})", perf.fmt_num(r["loop_examples_per_s"], 0),
+         f"ms/step per round: {ms(r['loop_ms_rounds'])}; CPU {r['loop_cpu_ms_per_step']:.0f} ms/step"),
+        ("loop / step alone", perf.fmt_pct(r["loop_over_step"]), ""),
+    ]
+    return perf.format_table(rows, ("measurement", "examples/s", "notes"))
+
+
 # ----------------------------------------------------------------------------- loss memory
 def loss_memory(loss_name: str, gather: str, global_batch: int, dim: int = 512, *, devices=None) -> dict:
     """Compiles value+grad of one contrastive loss over a (data,) mesh of `devices`; returns per-device
@@ -524,6 +698,18 @@ def main(argv):
         print(perf.format_table(body, ("model.scan", "devices", "lower s", "compile s", "total s", "all totals s",
                                        "temp/device")))
         _write(FLAGS.out, {"mode": "compile_time", "env": env, "rows": rows})
+        return
+
+    if FLAGS.pipeline:
+        result = benchmark_pipeline(config, steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
+                                    prefetch=FLAGS.prefetch, batch_size=FLAGS.batch_size or None)
+        env["loadavg_1m_after"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        if main_process:
+            print(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), jax {env['jax']}, "
+                  f"load avg {env['loadavg_1m']} -> {env['loadavg_1m_after']} on {env['host_cpus']} host CPUs; "
+                  f"global batch {result['config']['global_batch']}, data {result['config']['data']}")
+            print(format_pipeline(result))
+            _write(FLAGS.out, {"mode": "pipeline", "env": env, "result": result})
         return
 
     if FLAGS.compile_only:

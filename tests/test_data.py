@@ -1,11 +1,12 @@
 """Tests of the digits_captions TFDS builder and the grain train / eval pipelines."""
 import os
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from colearn_jax.data import digits, pipeline
+from colearn_jax.data import digits, image_ops, pipeline
 from colearn_jax.data.tokenizers import ByteTokenizer
 
 NUMERALS = {str(i): i for i in range(10)}
@@ -100,17 +101,18 @@ def test_train_image_size_and_augment(data_dir):
     assert not np.array_equal(plain["image"], aug["image"])
 
 
-def test_process_sharding_is_disjoint_and_interleaves_the_global_stream(data_dir):
+def test_process_slices_concatenate_to_the_one_process_global_batch(data_dir):
+    """Process p gets rows [p*b, (p+1)*b) of every global batch: the batch a run sees does not
+    depend on how many processes feed it (the multi-host run equals the one-process run)."""
     tok = ByteTokenizer()
     cfg = _cfg(data_dir, label_key="id", batch_size=64)  # "label" carries the example id
-    whole = np.concatenate([b["label"] for b in _take(
-        pipeline.make_train_iterator(cfg, tok, seed=5), 11)])
-    parts = [np.concatenate([b["label"] for b in _take(pipeline.make_train_iterator(
-        cfg, tok, seed=5, process_index=p, process_count=2), 11)]) for p in range(2)]
-    assert parts[0].shape == (11 * 32,)
-    assert not set(parts[0]) & set(parts[1]) and len(set(parts[0])) == len(parts[0])
-    np.testing.assert_array_equal(whole[0::2], parts[0])
-    np.testing.assert_array_equal(whole[1::2], parts[1])
+    whole = [b["label"] for b in _take(pipeline.make_train_iterator(cfg, tok, seed=5), 11)]
+    parts = [[b["label"] for b in _take(pipeline.make_train_iterator(
+        cfg, tok, seed=5, process_index=p, process_count=2), 11)] for p in range(2)]
+    assert parts[0][0].shape == (32,)
+    assert not set(np.concatenate(parts[0])) & set(np.concatenate(parts[1]))
+    for k in range(11):
+        np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])
 
 
 def test_iterator_state_resumes_exactly(data_dir):
@@ -142,6 +144,82 @@ def test_iterator_orbax_checkpoint(data_dir, tmp_path):
         fresh = pipeline.make_train_iterator(cfg, tok, seed=2)
         mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     np.testing.assert_array_equal(next(fresh)["image"], expected["image"])
+
+
+# ---------------------------------------------------------------- the cheap path equals the plain one
+
+def _reference_transform(cfg, tok, example, rng=None):
+    """The straightforward per-example computation: decoded TFDS example -> normalised float image,
+    freshly tokenised text (random caption with rng, else the first), label."""
+    image = image_ops.resize_short_side_center_crop(example[cfg.image_key], cfg.image_size)
+    if cfg.augment and rng is not None:
+        image = image_ops.random_translate(image, rng, cfg.max_shift or max(1, cfg.image_size // 16))
+    captions = list(np.asarray(example[cfg.text_key], dtype=object).reshape(-1))
+    caption = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
+    return {"image": image_ops._normalize_arithmetic(image),  # noqa: SLF001 - the arithmetic itself
+            "text": tok(caption.decode(), cfg.context_length)[0], "label": np.int32(example["label"])}
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_train_batches_equal_a_plain_per_example_reference(data_dir, augment):
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir, text_key="captions", context_length=32, augment=augment, cache_decoded=True)
+    source = tfds.data_source("digits_captions", split="train", data_dir=data_dir)  # decoded per read
+    ref = grain.MapDataset.source(source).seed(4).shuffle().repeat()
+    ref = ref.random_map(lambda ex, rng: _reference_transform(cfg, tok, ex, rng)).batch(32, drop_remainder=True)
+    ref_it = iter(ref.to_iter_dataset())
+    it = pipeline.make_train_iterator(cfg, tok, seed=4)
+    for _ in range(3):
+        got, want = next(it), next(ref_it)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype, k
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert tok.row_cache_info().hits > 0  # the captions came from the cache
+
+
+def test_eval_batches_equal_a_plain_reference_with_zero_padding(data_dir):
+    tok = ByteTokenizer()
+    cfg = _cfg(data_dir, text_key="captions", eval_batch_size=128)
+    source = tfds.data_source("digits_captions", split="test", data_dir=data_dir)
+    batches = list(pipeline.iterate_eval(cfg, tok))
+    image = np.concatenate([b["image"] for b in batches])
+    text = np.concatenate([b["text"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 300 and not mask[300:].any()
+    for i in (0, 1, 150, 299):
+        want = _reference_transform(cfg, tok, source[i])
+        np.testing.assert_array_equal(image[i], want["image"])
+        np.testing.assert_array_equal(text[i], want["text"])
+    assert np.all(image[300:] == 0)  # padding rows: zeros, as before normalisation moved to the batch
+
+
+def test_normalize_on_device_ships_uint8_that_device_normalize_turns_into_the_host_batch(data_dir):
+    import jax
+
+    tok = ByteTokenizer()
+    host = next(pipeline.make_train_iterator(_cfg(data_dir, augment=True), tok, seed=6))
+    raw = next(pipeline.make_train_iterator(_cfg(data_dir, augment=True, normalize_on_device=True), tok, seed=6))
+    assert raw["image"].dtype == np.uint8 and host["image"].dtype == np.float32
+    np.testing.assert_array_equal(raw["text"], host["text"])
+    on_device = np.asarray(jax.jit(image_ops.device_normalize)(raw["image"]))
+    np.testing.assert_array_equal(on_device.view(np.uint32), host["image"].view(np.uint32))
+
+
+def test_decoded_source_matches_tfds_and_refuses_large_splits(data_dir):
+    source = tfds.data_source("digits_captions", split="test", data_dir=data_dir)
+    cached = pipeline.DecodedSource(source)
+    assert len(cached) == len(source) == 300
+    assert cached.nbytes >= 300 * 32 * 32 * 3
+    for i in (0, 299):
+        np.testing.assert_array_equal(cached[i]["image"], source[i]["image"])
+        assert cached[i]["caption"] == source[i]["caption"].decode()
+        assert cached[i]["captions"] == tuple(c.decode() for c in source[i]["captions"])
+        assert cached[i]["label"] == source[i]["label"]
+    with pytest.raises(ValueError):  # cached arrays are shared between epochs: read-only
+        cached[0]["image"][0, 0, 0] = 1
+    with pytest.raises(ValueError, match="config.data.cache_decoded=False"):
+        pipeline.DecodedSource(source, max_bytes=100 * 32 * 32 * 3)
 
 
 # ---------------------------------------------------------------- eval and errors

@@ -89,8 +89,43 @@ def test_unknown_config_key_is_named():
         [sys.executable, "experiments/train.py", "--config=configs/clip.py:tiny", "--config.model.widht=3",
          "--workdir=/tmp/never_used"], cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode != 0
-    assert "widht" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: config.model.widht is not a config field; did you mean model.text.width or model.vision.width?")
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_a_2x2x2_run_with_eval_batch_100_on_its_own_mesh(tmp_path):
+    """A run trained on a (data 2, fsdp 2, model 2) mesh with eval_batch_size=100 (not a multiple of 8)
+    evaluates on the same 8 devices on its stored mesh, with the trainer's own numbers."""
+    from colearn_jax.evals.checkpoint_eval import evaluate_checkpoint
+
+    c = load_config("clip.py:tiny")
+    c.unlock()
+    c.mesh.update(data=2, fsdp=2, model=2)
+    c.sharding = "fsdp_tp"
+    c.data.eval_batch_size = 100
+    c.train.update(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2, best_metric="")
+    loop.train(c, str(tmp_path))
+    result = evaluate_checkpoint(str(tmp_path))
+    assert result.mesh == {"data": 2, "fsdp": 2, "model": 2} and result.sharding == "fsdp_tp"
+    assert result.note == "the stored mesh"
+    trained = [r for r in read_metrics(str(tmp_path)) if "eval/zeroshot_top1" in r][-1]
+    assert set(result.metrics) == {k[len("eval/"):] for k in trained if k.startswith("eval/")}
+    for k, v in result.metrics.items():
+        assert v == pytest.approx(trained[f"eval/{k}"], abs=1e-6), k
+
+
+def test_evaluate_docstring_names_every_flag():
+    import ast
+    import re
+
+    with open(os.path.join(ROOT, "experiments", "evaluate.py")) as f:
+        source = f.read()
+    defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source))
+    documented = set(re.findall(r"--(\w+)", ast.get_docstring(ast.parse(source))))
+    assert defined == {"workdir", "step", "best", "override"}
+    assert documented == defined
 
 
 def test_training_curves_plot(digits_run):

@@ -55,3 +55,29 @@ def test_random_translate():
     assert all(s.shape == image.shape and s.sum() == image.sum() for s in shifted)
     assert any(not np.array_equal(s, image) for s in shifted)
     np.testing.assert_array_equal(image_ops.random_translate(image, rng, 0), image)
+
+
+def test_normalize_table_equals_the_arithmetic_for_every_value():
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # every value, every channel
+    batch = np.stack([values.reshape(16, 16, 3), values[::-1].reshape(16, 16, 3)])
+    expected = (batch.astype(np.float32) / np.float32(255) - np.float32(image_ops.CLIP_MEAN)) / np.float32(
+        image_ops.CLIP_STD)
+    got = image_ops.normalize(batch)
+    assert got.dtype == np.float32 and got.shape == batch.shape
+    np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+    np.testing.assert_array_equal(image_ops.normalize(batch[0]), got[0])  # one image == its batch row
+
+
+def test_device_normalize_equals_normalize_and_passes_floats_through():
+    import jax
+    import jax.numpy as jnp
+
+    values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1).reshape(2, 8, 16, 3)
+    host = image_ops.normalize(values)
+    for fn in (image_ops.device_normalize, jax.jit(image_ops.device_normalize)):
+        out = fn(values)
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(out).view(np.uint32), host.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(image_ops.device_normalize(host)), host)  # already normalised
+    with pytest.raises(TypeError, match="uint8"):
+        image_ops.device_normalize(values.astype(np.int32))

@@ -171,6 +171,23 @@ def test_synthetic_batch_token_ids_pool_at_eot(bench):
     assert (b["text"].max(axis=1) == vocab - 1).all() and (b["text"] < vocab).all()
 
 
+# ----------------------------------------------------------------------------- input pipeline benchmark
+def test_benchmark_pipeline_tiny_with_device_normalisation(bench):
+    config = load_config("clip.py:tiny")
+    config.unlock()
+    config.data.normalize_on_device = True  # the loop's step must normalise the uint8 batches itself
+    r = bench.benchmark_pipeline(config, devices=jax.devices()[:1], steps=3, warmup=1, rounds=2, prefetch=1)
+    assert r["config"]["global_batch"] == config.data.batch_size and r["config"]["devices"] == 1
+    assert r["config"]["data"]["normalize_on_device"] is True and r["config"]["data"]["device_prefetch"] == 1
+    for key in ("pipeline_host_examples_per_s", "pipeline_examples_per_s", "pipeline_host_cpu_ms_per_batch",
+                "step_examples_per_s", "loop_examples_per_s"):
+        assert r[key] > 0, key
+    assert len(r["step_ms_rounds"]) == len(r["loop_ms_rounds"]) == 2
+    assert r["loop_over_step"] == pytest.approx(r["loop_examples_per_s"] / r["step_examples_per_s"])
+    table = bench.format_pipeline(r)
+    assert "loop (prefetch 1)" in table and "loop / step alone" in table
+
+
 # ----------------------------------------------------------------------------- loss memory
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_loss_memory_ring_below_auto(bench, loss):

@@ -153,3 +153,30 @@ def test_mesh_errors_name_the_problem():
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
     assert sharding.batch_axes(sharding.get_rules("fsdp")) == ("data", "fsdp")
     assert P(("data", "fsdp")) == sharding.batch_sharding(mesh, sharding.get_rules("dp")).spec
+
+
+def _as_processes(index_map, process_of):
+    """{device: index} with each device replaced by a stand-in that reports `process_of(device)`."""
+    import collections
+
+    fake = collections.namedtuple("FakeDevice", "id process_index")
+    return {fake(d.id, process_of(d)): idx for d, idx in index_map.items()}
+
+
+def test_each_process_must_hold_its_contiguous_block_of_the_batch():
+    """Multi-process feeding (shard_batch): process p's devices must hold rows [p*b, (p+1)*b)."""
+    dp = sharding.get_rules("dp")
+    by_order = {d.id: i for i, d in enumerate(jax.devices())}
+    flat = sharding.batch_sharding(sharding.make_mesh(dict(data=-1, fsdp=1, model=1)), dp)
+    blocks = _as_processes(flat.devices_indices_map((32,)), lambda d: by_order[d.id] // 4)
+    sharding.check_process_rows(blocks, 32, 2)  # devices 0-3 on process 0: rows 0..15
+    interleaved = _as_processes(flat.devices_indices_map((32,)), lambda d: by_order[d.id] % 2)
+    with pytest.raises(ValueError, match=r"Process 0's devices hold rows 0\.\.27 \(16 of them\).*feeds rows 0\.\.15"):
+        sharding.check_process_rows(interleaved, 32, 2)
+    # A model axis across the two processes: both hold every row, though each feeds half of them.
+    tp = sharding.batch_sharding(sharding.make_mesh(dict(data=4, fsdp=1, model=2)), dp)
+    across = _as_processes(tp.devices_indices_map((32,)), lambda d: by_order[d.id] % 2)
+    with pytest.raises(ValueError, match=r"hold rows 0\.\.31 \(32 of them\)"):
+        sharding.check_process_rows(across, 32, 2)
+    within = _as_processes(tp.devices_indices_map((32,)), lambda d: by_order[d.id] // 4)
+    sharding.check_process_rows(within, 32, 2)

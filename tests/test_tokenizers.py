@@ -39,6 +39,34 @@ def test_byte_tokenizer_batch_padding_and_truncation():
         tok("a", 1)
 
 
+def _row_cache_checks(tok, texts):
+    for text in texts:
+        for length in (4, 16):
+            row = tok.row(text, length)
+            np.testing.assert_array_equal(row, tok(text, length)[0])  # cut and EOT at length 4 too
+            assert row.shape == (length,) and row.dtype == np.int32 and not row.flags.writeable
+    before = tok.row_cache_info()
+    assert tok.row(texts[0], 16) is tok.row(texts[0].encode("utf-8"), 16)  # bytes and str: one entry
+    after = tok.row_cache_info()
+    assert after.hits == before.hits + 2 and after.misses == before.misses
+    assert after.currsize == 2 * len(set(texts))  # keyed by (text, context_length)
+
+
+def test_byte_tokenizer_row_cache():
+    import pickle
+
+    tok = ByteTokenizer()
+    _row_cache_checks(tok, ["a handwritten seven", "the number 7", "x" * 40, "数字"])
+    fresh = pickle.loads(pickle.dumps(tok))  # grain worker processes get a copy
+    assert fresh.row_cache_info().currsize == 0
+    np.testing.assert_array_equal(fresh.row("the number 7", 16), tok.row("the number 7", 16))
+
+
+def test_clip_bpe_row_cache():
+    tok = ClipBpeTokenizer(tokenizers.find_clip_vocab())  # a private instance: a fresh cache
+    _row_cache_checks(tok, ["a photo of the digit seven", "Ångström café", "a grey sketch of a 3"])
+
+
 def test_get_tokenizer_names_and_errors(monkeypatch):
     assert isinstance(get_tokenizer("byte"), ByteTokenizer)
     with pytest.raises(ValueError, match="'wordpiece'"):

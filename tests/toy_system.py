@@ -17,6 +17,10 @@ from colearn_jax.models import System, register
 from colearn_jax.train import rng as rng_lib
 
 FEATURES = 8
+# Test-only fault hook: 0-based step indices whose loss (and so gradient) is multiplied by NaN. Read when
+# the objective is built, so a test sets it (monkeypatch) before `loop.train`; not a config field, so
+# a resume after the fault sees an unchanged config.
+NAN_STEPS: tuple[int, ...] = ()
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -85,8 +89,13 @@ def make_batch_transform(config):
 
 
 def make_objective(config, mesh=None, rules=None):
+    nan_steps = tuple(NAN_STEPS)
+
     def objective(outputs, batch, rngs, step):
         loss = jnp.mean((outputs["pred"] - batch["y"]) ** 2)
+        if nan_steps:
+            bad = jnp.any(jnp.asarray(nan_steps) == step)
+            loss = loss * jnp.where(bad, jnp.nan, 1.0)
         return loss, {}
 
     return objective

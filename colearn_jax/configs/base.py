@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 128  # global, split evenly over processes and data-parallel devices
     c.data.eval_batch_size = 100  # global
     c.data.prefetch = 2  # batches placed on the mesh ahead of the step (0: none)
+    # grain reader settings, for systems whose pipeline reads with grain (colearn_jax.data.pipeline)
+    c.data.num_threads = 4  # reader threads per process
+    c.data.prefetch_buffer_size = 64
+    c.data.num_workers = 0  # >0: grain worker processes after batching (mp_prefetch)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | sgd | lars
@@ -62,10 +66,15 @@ def get_config() -> ml_collections.ConfigDict:
     # "skip" (the update is dropped on device; more than max_consecutive_skips in a row stops).
     c.train.nonfinite = "stop"
     c.train.max_consecutive_skips = 10
-    # Multi-process runs: how often (steps) the processes agree on a stop request (a small all-reduce).
+    # Multi-process runs: how often (steps) the processes exchange stop requests (a tiny all-gather that
+    # waits for the step in flight); a SIGTERM on one host stops every host at the next exchange.
     c.train.stop_sync_every = 1
     # Keep the best parameters by this eval metric in <workdir>/best ("" disables), e.g. "zeroshot_top1".
     c.train.best_metric = ""
+    # Resuming compares the stored config with the requested one and refuses any change to what the run
+    # computes (model, optimizer, schedule, loss, num_steps, ...). Name the changes you mean here,
+    # comma-separated keys, subtrees or globs, e.g. "train.num_steps" to lengthen a run; "*" allows all.
+    c.train.allow_config_change = ""
 
     c.eval = ml_collections.ConfigDict()
     return c

@@ -1,5 +1,10 @@
 """Image preprocessing in numpy/PIL: CLIP's eval transform (bicubic short-side resize, centre
-crop, mean/std normalisation) and a light random translation for training."""
+crop, mean/std normalisation) and a light random translation for training.
+
+`normalize` works on one image or a stacked batch (the input pipeline applies it once per batch);
+`device_normalize` is the same arithmetic in jax.numpy, for pipelines that ship uint8 images to the
+device (`config.data.normalize_on_device`): 4x fewer host-to-device bytes, identical model inputs.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -52,12 +57,55 @@ def resize_short_side_center_crop(image, size: int) -> np.ndarray:
     return to_rgb_uint8(image[top : top + size, left : left + size])
 
 
-def normalize(image) -> np.ndarray:
-    """uint8 HWC -> float32 `(x / 255 - CLIP_MEAN) / CLIP_STD`."""
+def _normalize_arithmetic(image) -> np.ndarray:
     x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)
     std = np.asarray(CLIP_STD, dtype=np.float32)
     return (x - mean) / std
+
+
+# normalize() of every uint8 value in each channel: [3, 256] float32, the same arithmetic.
+_LUT = np.ascontiguousarray(_normalize_arithmetic(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)).T)
+
+
+def normalize(image) -> np.ndarray:
+    """uint8 [..., 3] (one HWC image or a batch) -> float32 `(x / 255 - CLIP_MEAN) / CLIP_STD`.
+
+    uint8 RGB input is looked up per channel in a 256-entry table of that same float32 arithmetic
+    (about 2x faster on a batch, bit-identical); other input is computed directly.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim == 0 or image.shape[-1] != 3:
+        return _normalize_arithmetic(image)
+    out = np.empty(image.shape, np.float32)
+    for c in range(3):
+        out[..., c] = _LUT[c][image[..., c]]
+    return out
+
+
+def device_normalize(images):
+    """`normalize` on the device: uint8 [..., 3] jax/numpy array -> float32 jax.Array, equal to
+    `normalize` bit for bit.
+
+    It gathers from the same [3, 256] float32 table that `normalize` uses rather than redoing the
+    arithmetic, because XLA rewrites a division by a constant into a multiplication by its
+    reciprocal, which differs in the last bit for some values.
+
+    For `config.data.normalize_on_device=True` pipelines, whose batches carry uint8 images: a system
+    calls it on `batch["image"]` inside its jitted forward, before the vision tower. Floating-point
+    input is returned unchanged (already normalised on the host), so calling it is safe either way.
+    Eval padding rows (mask False) then hold normalised zeros instead of zeros; they are masked out.
+    """
+    import jax.numpy as jnp  # noqa: PLC0415 - this module is numpy-only otherwise
+
+    images = jnp.asarray(images)
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    if images.dtype != jnp.uint8 or images.ndim == 0 or images.shape[-1] != 3:
+        raise TypeError("device_normalize expects uint8 [..., 3] RGB or already-normalised float images, got "
+                        f"{images.dtype} {images.shape}.")
+    table = jnp.asarray(_LUT)  # [channel, value]
+    return table[jnp.arange(3), images.astype(jnp.int32)]
 
 
 def clip_preprocess(image, size: int) -> np.ndarray:

@@ -6,9 +6,18 @@ images, tokenised captions); `iterate_eval` walks a split once, in order, with a
 With `tokenizer=None` both yield images only (plus labels): uint8 [b,S,S,3] resized and centre-cropped
 but not normalised, for systems that augment and normalise on device (SimCLR). `train_fraction` < 1
 trains on a fixed random subset of the train split (semi-supervised fine-tuning on 1% / 10% labels).
+
+Host cost (digits demo, 2-core VM; experiments/RESULTS.md "Input pipeline"): per example only the
+cheap, irregular work runs — pick a caption, look its ids up in the tokenizer's row cache, take the
+uint8 image (resized only when it does not already have the target size). Normalisation runs once
+per batch, vectorised (`image_ops.normalize` on the stacked uint8 images, bit-identical to doing it
+per example), or on the device with `data.normalize_on_device` (the batch then carries uint8 images
+and the system must call `image_ops.device_normalize`). `data.cache_decoded` decodes a small split
+once into memory instead of parsing and PNG-decoding every record every epoch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterator
 
@@ -22,9 +31,10 @@ from colearn_jax.data import digits, image_ops
 _DEFAULTS = {
     "data_dir": None, "train_split": "train", "eval_split": "test", "image_key": "image",
     "text_key": "caption", "label_key": "label", "augment": False, "max_shift": 0,
-    "num_threads": 4, "prefetch_buffer_size": 64, "num_workers": 0, "train_fraction": 1.0,
-    "train_fraction_seed": 0,
+    "num_threads": 4, "prefetch_buffer_size": 64, "num_workers": 0, "cache_decoded": False,
+    "normalize_on_device": False, "train_fraction": 1.0, "train_fraction_seed": 0,
 }
+CACHE_MAX_BYTES = 2 << 30  # data.cache_decoded refuses splits that decode to more than this
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -46,6 +56,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.num_threads = 4  # grain reader threads per process.
     cfg.prefetch_buffer_size = 64
     cfg.num_workers = 0  # >0: grain multiprocessing workers (mp_prefetch) after batching.
+    cfg.cache_decoded = True  # Decode the (small) split once into memory.
+    cfg.normalize_on_device = False  # True: uint8 images; the system calls image_ops.device_normalize.
     return cfg
 
 
@@ -88,6 +100,73 @@ def make_source(name: str, split: str, data_dir: str | None = None):
     return builder.as_data_source(split=split)
 
 
+def _freeze(value):
+    """A decoded TFDS value as cached: text as str (sequences of text as tuples), arrays read-only."""
+    if isinstance(value, dict):
+        return {k: _freeze(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return tuple(_freeze(v) for v in value.reshape(-1))
+        value = value.copy()
+        value.flags.writeable = False
+    return value
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    return len(value) if isinstance(value, str) else 8
+
+
+class DecodedSource:
+    """A random-access source decoded once into memory (`config.data.cache_decoded`).
+
+    Reading a TFDS array_record example parses a tf.train.Example and decodes its PNG/JPEG every
+    time (~160 us for a 32x32 digit, most of the host pipeline's cost); a small split is decoded
+    once here instead. Examples are the source's, with text as `str` (a sequence of texts as a
+    tuple) and read-only arrays. Refuses splits above `max_bytes` decoded.
+    """
+
+    def __init__(self, source, *, max_bytes: int = CACHE_MAX_BYTES, what: str = "split"):
+        self._examples, total = [], 0
+        for i in range(len(source)):
+            example = _freeze(source[i])
+            total += _nbytes(example)
+            if total > max_bytes:
+                raise ValueError(
+                    f"config.data.cache_decoded: {what} decodes to more than {max_bytes / 2**30:.1f} GiB "
+                    f"(reached after {i + 1} of {len(source)} examples); set config.data.cache_decoded=False.")
+            self._examples.append(example)
+        self.nbytes = total
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int):
+        return self._examples[index]
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded_source(name: str, split: str, data_dir: str | None) -> DecodedSource:
+    return DecodedSource(make_source(name, split, data_dir), what=f"{name}[{split}]")
+
+
+def _source(cfg, split: str):
+    """The split's source for the pipelines: decoded once and kept (`cache_decoded`) or read per example."""
+    name, data_dir = cfg.name, _opt(cfg, "data_dir")
+    if _opt(cfg, "cache_decoded"):
+        return _decoded_source(name, split, data_dir)
+    return make_source(name, split, data_dir)
+
+
 def _lookup(example: dict, key: str):
     value = example
     for part in key.split("/"):
@@ -108,7 +187,7 @@ def _has(example: dict, key: str | None) -> bool:
 def _pick_text(value, rng: np.random.Generator | None) -> str:
     """A caption from a str/bytes or a sequence of them (random one with rng, else the first)."""
     if not isinstance(value, (str, bytes)):
-        seq = list(np.asarray(value, dtype=object).reshape(-1))
+        seq = value if isinstance(value, tuple) else list(np.asarray(value, dtype=object).reshape(-1))
         if not seq:
             return ""
         value = seq[int(rng.integers(len(seq)))] if rng is not None else seq[0]
@@ -116,8 +195,9 @@ def _pick_text(value, rng: np.random.Generator | None) -> str:
 
 
 class _ExampleTransform:
-    """Raw TFDS example -> model inputs; `rng` None means eval (no augmentation, first caption).
-    Without a tokenizer: no text, and the image stays uint8 (normalised on device by the system)."""
+    """Raw TFDS example -> uint8 image, token ids (+ label); `rng` None means eval (no augmentation,
+    first caption). `_BatchFinish` normalises the images of a whole batch afterwards.
+    Without a tokenizer: no text (and `_BatchFinish` leaves the images uint8)."""
 
     def __init__(self, cfg, tokenizer, with_label: bool):
         self.size = int(cfg.image_size)
@@ -128,19 +208,37 @@ class _ExampleTransform:
         self.max_shift = int(_opt(cfg, "max_shift") or max(1, self.size // 16))
         self.tokenizer = tokenizer
 
+    def tokenize(self, text: str) -> np.ndarray:
+        row = getattr(self.tokenizer, "row", None)  # cached (colearn_jax tokenizers)
+        return row(text, self.context_length) if row else self.tokenizer(text, self.context_length)[0]
+
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         image = image_ops.resize_short_side_center_crop(_lookup(example, self.image_key), self.size)
         if self.augment and rng is not None:
             image = image_ops.random_translate(image, rng, self.max_shift)
-        if self.tokenizer is None:
-            out = {"image": image}
-        else:
-            text = _pick_text(_lookup(example, self.text_key), rng)
-            out = {"image": image_ops.normalize(image),
-                   "text": self.tokenizer(text, self.context_length)[0]}
+        out = {"image": image}
+        if self.tokenizer is not None:
+            out["text"] = self.tokenize(_pick_text(_lookup(example, self.text_key), rng))
         if self.label_key:
             out["label"] = np.int32(_lookup(example, self.label_key))
         return out
+
+
+class _BatchFinish:
+    """Batch-level step after `.batch`: CLIP-normalise the stacked uint8 images in one vectorised
+    pass (skipped with `normalize_on_device`, and for image-only pipelines, `tokenizer=None`, whose
+    systems augment and normalise on device); eval batches get their padding rows zeroed."""
+
+    def __init__(self, cfg, tokenizer=True):
+        self.on_device = bool(_opt(cfg, "normalize_on_device")) or tokenizer is None
+
+    def __call__(self, batch: dict) -> dict:
+        image = batch["image"]
+        if not self.on_device:
+            image = image_ops.normalize(image)
+        if "mask" in batch:
+            image = np.where(batch["mask"].reshape((-1,) + (1,) * (image.ndim - 1)), image, image.dtype.type(0))
+        return {**batch, "image": image}
 
 
 def _per_process(global_batch: int, process_index: int, process_count: int, key: str) -> int:
@@ -181,13 +279,42 @@ def train_subset(source, fraction: float, seed: int = 0):
     return _Subset(source, np.sort(np.random.default_rng(seed).permutation(n)[:keep]))
 
 
+def _mixture(data_cfg, tokenizer, seed: int) -> grain.MapDataset:
+    """`config.data.mixture`: each entry's fields override `config.data` for one dataset; the transformed
+    datasets are interleaved by weight (data/mixture.py). All must yield the same features."""
+    from colearn_jax.data import mixture  # noqa: PLC0415
+
+    parts, weights, with_label = [], [], None
+    for i, (overrides, weight) in enumerate(mixture.component_configs(data_cfg)):
+        cfg = data_cfg.copy_and_resolve_references()
+        cfg.unlock()
+        cfg.update(overrides)
+        cfg.mixture = []
+        source = _source(cfg, _opt(cfg, "train_split"))
+        labelled = _has(source[0], _opt(cfg, "label_key"))
+        if with_label is not None and labelled != with_label:
+            raise ValueError(f"config.data.mixture[{i}] ({cfg.name}) {'has' if labelled else 'lacks'} labels "
+                             "unlike the datasets before it; set label_key=None to mix them.")
+        with_label = labelled
+        parts.append(grain.MapDataset.source(source).seed(seed + 1000 * (i + 1)).random_map(
+            _ExampleTransform(cfg, tokenizer, labelled)))
+        weights.append(weight)
+    return mixture.mix(parts, weights, seed=seed)
+
+
 def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 0,
                         process_count: int = 1, with_label: bool | None = None) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's share of `data_cfg.batch_size`.
 
     Order: global shuffle (reshuffled each epoch) -> per-example random caption/augmentation
-    (seeded by the global position) -> every `process_count`-th example from `process_index`
-    -> batch. Deterministic given `seed`; `it.get_state()` / `it.set_state(state)` resume exactly.
+    (seeded by the global position) -> global batch k is examples `k*B .. k*B+B-1` of that stream
+    (B = `data_cfg.batch_size`), and this process gets its contiguous rows
+    `[process_index*b, (process_index+1)*b)` (b = B // process_count), as in `iterate_eval`.
+    Process p's rows land on process p's devices (`jax.make_array_from_process_local_data` with
+    the mesh ordered by process), so the global batch, and hence training, is the same whatever
+    the number of processes. Deterministic given `seed`; `it.get_state()` / `it.set_state(state)`
+    resume exactly (the state is per process: resume with the same process count). Each batch's images
+    are normalised once per batch (unless `normalize_on_device`: uint8 go to the device).
     Orbax: save with `grain.checkpoint.CheckpointSave(it)` and restore into a fresh iterator
     with `grain.checkpoint.CheckpointRestore(it)` inside `ocp.args.Composite` (grain 0.2.18).
     `num_workers > 0` adds grain worker processes (same batches, but a different state format).
@@ -195,14 +322,18 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     """
     per = _per_process(int(data_cfg.batch_size), process_index, process_count,
                        "config.data.batch_size")
-    source = make_source(data_cfg.name, _opt(data_cfg, "train_split"), _opt(data_cfg, "data_dir"))
-    source = train_subset(source, float(_opt(data_cfg, "train_fraction")), int(_opt(data_cfg, "train_fraction_seed")))
-    if with_label is None:
-        with_label = _has(source[0], _opt(data_cfg, "label_key"))
-    transform = _ExampleTransform(data_cfg, tokenizer, with_label)
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    ds = ds.random_map(transform)
-    ds = ds[process_index::process_count].batch(per, drop_remainder=True)
+    if data_cfg.get("mixture"):
+        ds = _mixture(data_cfg, tokenizer, seed)
+    else:
+        source = train_subset(_source(data_cfg, _opt(data_cfg, "train_split")),
+                              float(_opt(data_cfg, "train_fraction")), int(_opt(data_cfg, "train_fraction_seed")))
+        if with_label is None:
+            with_label = _has(source[0], _opt(data_cfg, "label_key"))
+        transform = _ExampleTransform(data_cfg, tokenizer, with_label)
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+        ds = ds.random_map(transform)
+    # Batches of b consecutive examples; global batch k is local batches k*P .. k*P+P-1.
+    ds = ds.batch(per, drop_remainder=True)[process_index::process_count].map(_BatchFinish(data_cfg, tokenizer))
     ids = ds.to_iter_dataset(_read_options(data_cfg))
     if int(_opt(data_cfg, "num_workers")) > 0:
         from absl import flags  # pylint: disable=import-outside-toplevel
@@ -223,8 +354,7 @@ def iterate_eval(data_cfg, tokenizer, *, split: str | None = None, process_index
     """
     global_b = int(data_cfg.eval_batch_size)
     per = _per_process(global_b, process_index, process_count, "config.data.eval_batch_size")
-    source = make_source(data_cfg.name, split or _opt(data_cfg, "eval_split"),
-                         _opt(data_cfg, "data_dir"))
+    source = _source(data_cfg, split or _opt(data_cfg, "eval_split"))
     n = len(source)
     transform = _ExampleTransform(data_cfg, tokenizer, _has(source[0], _opt(data_cfg, "label_key")))
     blank = {k: np.zeros_like(v) for k, v in transform(source[0]).items()}
@@ -236,5 +366,5 @@ def iterate_eval(data_cfg, tokenizer, *, split: str | None = None, process_index
         out["mask"] = np.bool_(i < n)
         return out
 
-    ds = grain.MapDataset.source(rows).map(load).batch(per)
+    ds = grain.MapDataset.source(rows).map(load).batch(per).map(_BatchFinish(data_cfg, tokenizer))
     return iter(ds.to_iter_dataset(_read_options(data_cfg)))

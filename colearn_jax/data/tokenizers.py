@@ -6,6 +6,10 @@ If a text does not fit, it is cut and the last position is set back to EOT.
 
 `ClipBpeTokenizer` reproduces the ids of open_clip's `SimpleTokenizer` / `open_clip.tokenize`
 from the released merges file `bpe_simple_vocab_16e6.txt.gz`.
+
+`tokenizer.row(text, context_length)` gives one text's packed ids from an LRU cache keyed by
+(text, context_length): input pipelines call it once per example, and captions repeat heavily (the
+digits demo has 80 distinct ones). Cached rows are read-only; `__call__` returns fresh arrays.
 """
 from __future__ import annotations
 
@@ -37,19 +41,59 @@ def _to_array(token_lists: list[list[int]], context_length: int, sot: int, eot: 
     return out
 
 
+ROW_CACHE_SIZE = 1 << 16  # packed rows kept per tokenizer (an int32 row of 77 ids is 308 bytes)
+
+
+class _RowCache:
+    """Mixin: `row(text, context_length)` -> read-only int32 [context_length], LRU-cached.
+
+    The cache is rebuilt empty after unpickling (grain worker processes get their own).
+    """
+
+    def _init_row_cache(self, maxsize: int = ROW_CACHE_SIZE):
+        self._row_cache_size = maxsize
+        self._cached_row = functools.lru_cache(maxsize=maxsize)(self._packed_row)
+
+    def _packed_row(self, text: str, context_length: int) -> np.ndarray:
+        row = self([text], context_length)[0]
+        row.flags.writeable = False
+        return row
+
+    def row(self, text: str | bytes, context_length: int) -> np.ndarray:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return self._cached_row(str(text), int(context_length))
+
+    def row_cache_info(self):
+        """functools' CacheInfo (hits, misses, maxsize, currsize) of the row cache."""
+        return self._cached_row.cache_info()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_cached_row", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_row_cache(state.get("_row_cache_size", ROW_CACHE_SIZE))
+
+
 def _as_list(texts: str | Sequence[str]) -> list[str]:
     if isinstance(texts, (str, bytes)):
         texts = [texts]
     return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
 
 
-class ByteTokenizer:
+class ByteTokenizer(_RowCache):
     """UTF-8 bytes as tokens: pad 0, byte b -> b + 1, SOT 257, EOT 258 (no vocabulary file)."""
 
     pad_id = 0
     sot_id = 257
     eot_id = 258
     vocab_size = 259
+
+    def __init__(self):
+        self._init_row_cache()
 
     def encode(self, text: str) -> list[int]:
         return [b + 1 for b in text.encode("utf-8")]
@@ -91,7 +135,7 @@ def _clean(text: str) -> str:
     return " ".join(text.split()).lower()  # str.split's notion of whitespace, as in CLIP
 
 
-class ClipBpeTokenizer:
+class ClipBpeTokenizer(_RowCache):
     """CLIP byte-level BPE (49408 ids; SOT 49406, EOT 49407, pad 0)."""
 
     pad_id = 0
@@ -100,6 +144,7 @@ class ClipBpeTokenizer:
     def __init__(self, vocab_path: str):
         import regex  # pylint: disable=import-outside-toplevel
 
+        self._init_row_cache()
         with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : _CLIP_NUM_MERGES + 1]]

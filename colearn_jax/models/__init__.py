@@ -68,11 +68,14 @@ class System:
     describe_metrics: Callable[[Any], dict] | None = None  # config -> {name: MetricSpec} of the evaluator
     validate_config: Callable[[Any], None] = _no_checks  # raises ValueError naming the config key
     rng_streams: tuple[str, ...] = ("dropout",)  # drawn per step from (seed, step); see train/rng.py
-    make_batch_transform: Callable[[Any], BatchTransform] | None = None  # config -> on-device transform
+    make_batch_transform: Callable[[Any], BatchTransform | None] | None = None  # config -> on-device transform
     apply_model: Callable[..., Any] = apply_model  # the forward inside the train step
     constrain_params: Callable[[Any], Any] = _identity  # applied after every update
     # params -> bool tree (True: decayed). None: the default by shape and role (train/optimizer.py).
     weight_decay_mask: Callable[[Any], Any] | None = None
+    # The system's own config keys (or subtrees, globs) that may change when a run resumes because they
+    # change nothing it computes, e.g. a data directory; every other change is refused (train/resume.py).
+    resume_free_keys: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Callable[[], System]] = {}

@@ -91,10 +91,21 @@ def make_objective(config, mesh=None, rules=None):
 
 def example_batch(config, batch_size: int) -> dict:
     v, t = config.model.vision, config.model.text
+    image_dtype = jnp.uint8 if config.data.get("normalize_on_device", False) else jnp.float32
     return {
-        "image": jax.ShapeDtypeStruct((batch_size, v.image_size, v.image_size, 3), jnp.float32),
+        "image": jax.ShapeDtypeStruct((batch_size, v.image_size, v.image_size, 3), image_dtype),
         "text": jax.ShapeDtypeStruct((batch_size, t.context_length), jnp.int32),
     }
+
+
+def make_batch_transform(config):
+    """With `data.normalize_on_device`, uint8 images cross to the device (4x fewer bytes) and are
+    normalised first thing in the step; otherwise the host pipeline normalised them."""
+    if not config.data.get("normalize_on_device", False):
+        return None
+    from colearn_jax.data.image_ops import device_normalize  # noqa: PLC0415
+
+    return lambda batch, rngs, step: {**batch, "image": device_normalize(batch["image"])}
 
 
 def tokenizer(config):
@@ -118,18 +129,53 @@ def make_eval_data(config, ctx: DataContext, split=None):
 
 
 def validate_config(config) -> None:
-    """CLIP's own fields: loss name and gather mode, tower/data sizes, tokenizer vocabulary, dropout."""
+    """CLIP's own fields: loss name and gather mode, every tower/data size and ratio, tokenizer
+    vocabulary, dropout, activation, remat policy, attention implementation, eval prompts."""
+    from colearn_jax.config_checks import check_divisible, check_ranges, positive_ints  # noqa: PLC0415
+    from colearn_jax.nn.layers import ACTIVATIONS  # noqa: PLC0415
+    from colearn_jax.nn.transformer import REMAT_POLICIES  # noqa: PLC0415
+
     m, d = config.model, config.data
     if config.loss.name not in ("clip", "siglip"):
         raise ValueError(f"config.loss.name={config.loss.name!r}; choose 'clip' or 'siglip'.")
     if config.loss.gather not in contrastive.GATHER_MODES:
         raise ValueError(f"config.loss.gather={config.loss.gather!r}; choose one of {contrastive.GATHER_MODES}.")
     get_dtype(m.dtype)
-    if not 0.0 <= m.get("dropout", 0.0) < 1.0:
-        raise ValueError(f"config.model.dropout={m.dropout} must be in [0, 1).")
-    for key in ("embed_dim",):
-        if m[key] <= 0:
-            raise ValueError(f"config.model.{key}={m[key]} must be positive.")
+    check_ranges(config, {"model.dropout": (0.0, 1.0, False)})
+    if m.activation not in ACTIVATIONS:
+        raise ValueError(f"config.model.activation={m.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+    if m.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat_policy={m.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    if m.get("attention_impl") not in (None, "cudnn"):
+        raise ValueError(f"config.model.attention_impl={m.attention_impl!r}; choose None (XLA) or 'cudnn'.")
+    positive_ints(config, ("model.embed_dim", "data.image_size", "data.context_length", "model.vision.image_size",
+                           "model.vision.width", "model.vision.heads", "model.text.vocab_size",
+                           "model.text.context_length", "model.text.width", "model.text.layers",
+                           "model.text.heads"))
+    check_divisible(config, "model.text.width", "model.text.heads")
+    check_ranges(config, {"model.text.mlp_ratio": (1e-6, float("inf"), False)})
+    if m.vision.type == "vit":
+        positive_ints(config, ("model.vision.patch_size", "model.vision.layers"))
+        check_divisible(config, "model.vision.width", "model.vision.heads")
+        check_ranges(config, {"model.vision.mlp_ratio": (1e-6, float("inf"), False)})
+        if m.vision.get("pool", "cls") not in ("cls", "gap"):
+            raise ValueError(f"config.model.vision.pool={m.vision.pool!r}; choose 'cls' or 'gap'.")
+    elif m.vision.type == "resnet":
+        layers = list(m.vision.layers)
+        if not layers or not all(isinstance(n, int) and n > 0 for n in layers):
+            raise ValueError(f"config.model.vision.layers={layers!r} must be a non-empty list of positive integers.")
+        if m.vision.width % 2 or (m.vision.width * 32) % m.vision.heads:
+            raise ValueError(f"config.model.vision.width={m.vision.width} must be even and width*32 divisible by "
+                             f"config.model.vision.heads={m.vision.heads}.")
+    else:
+        raise ValueError(f"config.model.vision.type={m.vision.type!r}; choose 'vit' or 'resnet'.")
+    if config.eval.get("zeroshot"):
+        for key in ("class_names", "templates"):
+            if not config.eval.get(key):
+                raise ValueError(f"config.eval.{key} is empty; zero-shot eval needs it (or set "
+                                 "config.eval.zeroshot=False).")
+        if not all("{}" in t for t in config.eval.templates):
+            raise ValueError("config.eval.templates: every template needs a '{}' for the class name.")
     if m.vision.image_size != d.image_size:
         raise ValueError(
             f"config.model.vision.image_size={m.vision.image_size} differs from config.data.image_size={d.image_size}."
@@ -182,5 +228,9 @@ def clip_system() -> System:
         describe_metrics=describe_metrics,
         validate_config=validate_config,
         rng_streams=("dropout",),
+        make_batch_transform=make_batch_transform,
         constrain_params=clamp_logit_scale,
+        # paths, the eval split and how the forward is computed (same parameters, same results)
+        resume_free_keys=("data.data_dir", "data.vocab_path", "data.eval_split", "model.remat_policy",
+                          "model.attention_impl"),
     )

@@ -50,8 +50,8 @@ class MeshJit:
 def model_example_batch(system: System, config, batch_size: int) -> dict:
     """Zeros shaped like what the model sees (the example batch after the system's batch transform)."""
     spec = system.example_batch(config, batch_size)
-    if system.make_batch_transform is not None:
-        transform = system.make_batch_transform(config)
+    transform = system.make_batch_transform(config) if system.make_batch_transform is not None else None
+    if transform is not None:  # a system may need no transform under some configs
         keys = rng_lib.step_keys(jax.random.PRNGKey(0), 0, system.rng_streams)
         spec = jax.eval_shape(lambda b: transform(b, keys, 0), spec)
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), spec)
