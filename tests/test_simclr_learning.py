@@ -4,6 +4,7 @@ initialisation by a wide margin; fine-tuning then starts from its checkpoint thr
 on 10% of the labels. Data: the bundled handwritten digits (`digits_captions`, built locally), small
 enough for a run of about a minute on a CPU."""
 import json
+import logging
 import os
 
 import jax
@@ -53,7 +54,7 @@ def test_pretraining_lowers_the_loss_and_beats_random_init(pretrained):
     assert final["eval/knn_top1"] > base["knn_top1"] + 0.08
 
 
-def test_finetuning_starts_from_the_pretrained_checkpoint(pretrained, tmp_path, capsys):
+def test_finetuning_starts_from_the_pretrained_checkpoint(pretrained, tmp_path, caplog):
     c = load_config("simclr.py:tiny,finetune")
     c.unlock()
     p = pretrained["config"]
@@ -63,8 +64,9 @@ def test_finetuning_starts_from_the_pretrained_checkpoint(pretrained, tmp_path, 
     c.augment.crop_scale = p.augment.crop_scale
     c.optim.lr = 0.05
     c.train.update(init_from=pretrained["workdir"], num_steps=30, eval_every=30, log_every=10)
-    loop.train(c, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="colearn_jax"):
+        loop.train(c, str(tmp_path))
     pretrained_arrays = len(jax.tree.leaves(pretrained["state"].variables()))  # encoder + head, params + BN
-    assert f"Initialised {pretrained_arrays} arrays from" in capsys.readouterr().out
+    assert f"Initialised {pretrained_arrays} arrays from" in caplog.text
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["eval/top1"] for r in rows if "eval/top1" in r][-1] > 0.25  # 10 classes: chance is 0.1
