@@ -1,9 +1,11 @@
-"""Convert a public CLIP checkpoint into a colearn_jax checkpoint directory.
+"""Convert a public CLIP (or open_clip CoCa) checkpoint into a colearn_jax checkpoint directory.
 
     python -m colearn_jax.convert --source=openai --input=ViT-B-32.pt --output=/tmp/clip_b32
     python -m colearn_jax.convert --source=open_clip --input=model.safetensors --model_config=ViT-B-16.json \
         --output=/tmp/clip_b16 [--scan]
     python -m colearn_jax.convert --source=hf --input=/path/to/hf_clip_dir --output=/tmp/hf_clip
+    python -m colearn_jax.convert --source=open_clip --input=coca.safetensors --model_config=coca_ViT-B-32.json \
+        --output=/tmp/coca_b32          # an open_clip CoCa (text_decoder.* keys) -> colearn_jax's CoCa
 
 The output loads with `model, variables, config = colearn_jax.load(OUTPUT)`.
 """
