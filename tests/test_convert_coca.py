@@ -6,8 +6,8 @@ and greedy and beam-search captions (colearn_jax.decoding with the KV cache) equ
 
 open_clip 3.3's `generate` needs transformers < 5 (`BeamSearchScorer`): the reference runs in a
 subprocess with such a transformers first on its path — the environment's own if it is < 5, else the
-directory `$COLEARN_TRANSFORMERS4_PATH` (default /work/.coca_tf4), made with
-`pip install --target DIR transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.36.0`.
+directory `$COLEARN_TRANSFORMERS4_PATH`, else ~/.cache/colearn_jax/transformers4, which the test fills
+once with `pip install --target DIR transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.36.0`.
 """
 from __future__ import annotations
 
@@ -45,8 +45,13 @@ SPEC = {
 }
 
 
+TRANSFORMERS4 = ("transformers==4.55.4", "tokenizers==0.21.4", "huggingface-hub==0.36.0")
+
+
 def _transformers4_path() -> str | None:
-    """None when this environment's transformers is < 5, else the directory holding a 4.x."""
+    """None when this environment's transformers is < 5, else a directory holding a 4.x:
+    `$COLEARN_TRANSFORMERS4_PATH`, or one this test fills once with `pip install --target` (the same
+    package index the test extra was installed from; the main environment keeps its transformers)."""
     import importlib.metadata as md
 
     try:
@@ -54,11 +59,13 @@ def _transformers4_path() -> str | None:
             return None
     except md.PackageNotFoundError:
         pass
-    path = os.environ.get("COLEARN_TRANSFORMERS4_PATH", "/work/.coca_tf4")
+    path = os.environ.get("COLEARN_TRANSFORMERS4_PATH") or os.path.expanduser("~/.cache/colearn_jax/transformers4")
     if not os.path.isdir(os.path.join(path, "transformers")):
-        pytest.fail(f"open_clip's CoCa.generate needs transformers < 5: none here and none in {path} "
-                    "(pip install --target DIR transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.36.0, "
-                    "then set COLEARN_TRANSFORMERS4_PATH=DIR).")
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--target", path, *TRANSFORMERS4]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode or not os.path.isdir(os.path.join(path, "transformers")):
+            pytest.fail(f"open_clip's CoCa.generate needs transformers < 5; `{' '.join(cmd)}` failed:\n"
+                        f"{done.stderr[-2000:]}")
     return path
 
 
