@@ -1,9 +1,12 @@
-"""Convert a public checkpoint (CLIP, or a torchvision-layout ResNet) into a colearn_jax checkpoint directory.
+"""Convert a public checkpoint (CLIP, an open_clip CoCa, or a torchvision-layout ResNet) into a colearn_jax
+checkpoint directory.
 
     python -m colearn_jax.convert --source=openai --input=ViT-B-32.pt --output=/tmp/clip_b32
     python -m colearn_jax.convert --source=open_clip --input=model.safetensors --model_config=ViT-B-16.json \
         --output=/tmp/clip_b16 [--scan]
     python -m colearn_jax.convert --source=hf --input=/path/to/hf_clip_dir --output=/tmp/hf_clip
+    python -m colearn_jax.convert --source=open_clip --input=coca.safetensors --model_config=coca_ViT-B-32.json \
+        --output=/tmp/coca_b32          # an open_clip CoCa (text_decoder.* keys) -> colearn_jax's CoCa
     python -m colearn_jax.convert --source=torchvision_resnet --input=resnet50.pth --output=/tmp/r50 \
         [--with_classifier] [--prefix=encoder.] [--image_size=224]
 

@@ -20,6 +20,9 @@ Sources:
   hf         a Hugging Face `CLIPModel` directory: `config.json` + `model.safetensors` (or
              `pytorch_model.bin`, or sharded with an index).
 
+open_clip CoCa checkpoints (keys under `text_decoder.`) become colearn_jax's CoCa (`model.name="coca"`,
+through `colearn_jax.convert.coca`); pass the CoCa model-config JSON (e.g. coca_ViT-B-32.json).
+
 Towers: ViT (class token, `ln_pre`, bias-free patch conv, `ln_post` on the class token or on the mean
 of the patch tokens) or ModifiedResNet (through `colearn_jax.convert.resnet`); the causal text
 transformer pooled at the end-of-text token. Architecture features colearn_jax's CLIP does not have
@@ -41,6 +44,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from colearn_jax.convert import coca
 from colearn_jax.convert.clip_architecture import (apply_open_clip_config, hf_architecture,
                                               infer_openai_architecture, set_heads)
 from colearn_jax.convert.clip_config import base_config, describe, make_config
@@ -83,6 +87,19 @@ def convert_state_dict(
     open_clip's). `vision_heads` / `text_heads` override the head counts (which no shape reveals).
     """
     _check_source(source)
+    if source in ("open_clip", "openai") and coca.is_coca(state_dict):
+        arch = coca.coca_architecture(state_dict, read_open_clip_config(model_config))
+        if vision_heads is not None:
+            arch["vision"]["heads"] = int(vision_heads)
+        if text_heads is not None:
+            arch["text"]["heads"] = int(text_heads)
+        variables = coca.coca_variables(state_dict, arch)
+        config = coca.coca_config(arch, scan=scan)
+        if scan:
+            variables = coca.scan_layout(variables, arch)
+        if check:
+            check_variables(config, variables)
+        return config, variables
     if source == "hf":
         if model_config is None:
             raise ConversionError("source='hf' needs the model's config.json (pass the model directory).")

@@ -60,6 +60,13 @@ def describe(config: ml_collections.ConfigDict) -> str:
     """One line describing the converted model (the CLI prints it)."""
     m = config.model
     v, t = m.vision, m.text
+    if m.name == "coca":
+        d = m.decoder
+        return (f"CoCa: ViT {v.image_size}px patch {v.patch_size} width {v.width} x{v.layers} ({v.heads} heads); "
+                f"pooler {m.num_queries} queries ({m.pooler_heads} heads); text width {t.width} x{t.layers} "
+                f"({t.heads} heads), vocab {t.vocab_size}, context {t.context_length} + CLS; decoder x{d.layers} "
+                f"({d.heads} heads); embed {m.embed_dim}; {m.activation}; legacy CLS mask={m.legacy_cls_mask}; "
+                f"scan={m.scan}")
     if v.type == "vit":
         vis = f"ViT {v.image_size}px patch {v.patch_size} width {v.width} x{v.layers} ({v.heads} heads)"
     else:

@@ -6,6 +6,17 @@ whose `implementation` can be "xla" (any backend) or "cudnn" (fused flash attent
 
 Parameters are laid out per head — q/k/v kernels `[embed, heads, kv]`, output kernel
 `[heads, kv, embed]` — so the `tp` preset splits heads over the `model` mesh axis (Megatron style).
+
+Decoding (autoregressive generation, `colearn_jax.decoding`) uses a key/value cache in the flax
+`cache` collection, every leaf batch-major (`[batch, ...]`, so beam search can reorder it):
+  self-attention   `cached_key` / `cached_value` [b, max_len, heads, kv] and `cache_index` [b] (the
+                   next free slot of each row). `decode="prefill"` or `"step"` writes the q new keys
+                   at the index and attends causally to everything written so far.
+  cross-attention  `cached_key` / `cached_value` [b, memory_len, heads, kv]: the projected memory,
+                   computed at `"prefill"` and read back at every `"step"` (the memory passed then is
+                   not projected again).
+The cache is created, zero, by a first call in decode mode on a full-length dummy input (nothing is
+written then); `jax.eval_shape` of that call gives its shapes (see `colearn_jax.decoding`).
 """
 from __future__ import annotations
 
@@ -54,12 +65,17 @@ class MultiHeadAttention(nn.Module):
         *,
         mask: jax.Array | None = None,
         causal: bool = False,
+        decode: str | None = None,
     ) -> jax.Array:
         """Attends `inputs_q` [b, q, d] to `inputs_kv` [b, k, d'] (self-attention when None).
 
         `mask` is boolean, broadcastable to [b, heads, q, k], True where attention is allowed.
         `causal` adds a lower-triangular mask (query i sees keys <= i).
+        `decode`: None (no cache), "prefill" or "step" (see the module docstring).
         """
+        if decode not in (None, "prefill", "step"):
+            raise ValueError(f"decode={decode!r}; choose None, 'prefill' or 'step'.")
+        is_cross = inputs_kv is not None
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         width = inputs_q.shape[-1]
         if width % self.num_heads and self.head_dim is None:
@@ -74,6 +90,9 @@ class MultiHeadAttention(nn.Module):
                                      use_bias=self.use_bias, dtype=self.dtype, name=name)(x)
 
         q = project("query", inputs_q)
+        if decode is not None:
+            return self._decode(q, inputs_kv, project, is_cross, causal, mask, decode, head_dim, out_features,
+                                out_std)
         k = project("key", inputs_kv)
         v = project("value", inputs_kv)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
@@ -102,7 +121,56 @@ class MultiHeadAttention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=causal, implementation=self.implementation
         )
+        return self._output(out, head_dim, out_features, out_std)
+
+    def _output(self, out, head_dim, out_features, out_std):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         out = layers.Projection((self.num_heads, head_dim, out_features), ("heads", "kv", "embed"), out_std,
                                 in_dims=2, use_bias=self.use_bias, dtype=self.dtype, name="out")(out)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _decode(self, q, inputs_kv, project, is_cross, causal, mask, decode, head_dim, out_features, out_std):
+        """Attention against the `cache` collection (module docstring)."""
+        if self.add_bias_kv:
+            raise ValueError("decode mode does not support add_bias_kv.")
+        b, q_len = q.shape[:2]
+        initialised = self.has_variable("cache", "cached_key")
+        if is_cross:
+            if decode == "step" and initialised:  # the memory was projected at prefill
+                k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+            else:
+                k, v = project("key", inputs_kv), project("value", inputs_kv)
+                self.put_variable("cache", "cached_key", k)
+                self.put_variable("cache", "cached_value", v)
+            if mask is not None:
+                mask = jnp.broadcast_to(mask, (b, self.num_heads, q_len, k.shape[1]))
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+            return self._output(out, head_dim, out_features, out_std)
+        if mask is not None:
+            raise ValueError("decode mode for self-attention takes no mask: the cache index defines what is visible.")
+        k, v = project("key", inputs_kv), project("value", inputs_kv)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", jnp.zeros, (b,), jnp.int32)
+        if not initialised:  # creating the cache (full-length dummy input): plain attention, nothing written
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=self.implementation)
+            return self._output(out, head_dim, out_features, out_std)
+
+        def write(cache, new, i):
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (i, 0, 0))
+
+        start = index.value
+        cached_k.value = jax.vmap(write)(cached_k.value, k, start)
+        cached_v.value = jax.vmap(write)(cached_v.value, v, start)
+        index.value = start + q_len
+        key_pos = jnp.arange(cached_k.value.shape[1])
+        query_pos = start[:, None] + jnp.arange(q_len)[None, :]  # [b, q]
+        if causal:
+            visible = key_pos[None, None, :] <= query_pos[:, :, None]
+        else:  # every key written so far, this call's included
+            visible = jnp.broadcast_to(key_pos[None, None, :] < (start + q_len)[:, None, None],
+                                       (b, q_len, key_pos.shape[0]))
+        visible = jnp.broadcast_to(visible[:, None], (b, self.num_heads, q_len, key_pos.shape[0]))
+        out = jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=visible,
+                                           implementation=self.implementation)
+        return self._output(out, head_dim, out_features, out_std)

@@ -1,9 +1,16 @@
 """Transformer blocks and stacks shared by all models (Vaswani et al. 2017, Sec. 3.1).
 
 `EncoderBlock` is a pre-LN (or post-LN, BERT style) self-attention block; `DecoderBlock` adds
-cross-attention to a memory (CoCa / mPLUG decoders, Show-Attend-Tell style fusion).
-`TransformerStack` stacks identical blocks, optionally with `nn.scan` (one compiled layer body:
-compile time no longer grows with depth) and `nn.remat` with a named checkpoint policy.
+cross-attention to a memory between self-attention and the MLP (Vaswani et al. 2017, Sec. 3.1);
+`CrossAttentionBlock` is cross-attention + MLP alone, and `SelfCrossBlock` an `EncoderBlock`
+followed by a `CrossAttentionBlock` (two MLPs per layer: the decoder layout of Yu et al. 2022,
+Sec. 3.2, as its public implementations build it). `TransformerStack` stacks identical blocks,
+optionally with `nn.scan` (one compiled layer body: compile time no longer grows with depth) and
+`nn.remat` with a named checkpoint policy.
+
+Every block takes `decode=None | "prefill" | "step"` for autoregressive generation with a key/value
+cache (`colearn_jax.nn.attention`); in a scanned stack the cache's layer axis is axis 1, so every
+cache leaf stays batch-major.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class BlockConfig:
     mlp_fc_std: float | None = None
     mlp_proj_std: float | None = None
     add_bias_kv: bool = False
+    memory_ln: bool = False  # cross-attention: LayerNorm on the memory (keys / values) too
     dropout: float = 0.0
     drop_path: float = 0.0
     attention_impl: str | None = None
@@ -118,17 +126,17 @@ class EncoderBlock(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, decode: str | None = None) -> jax.Array:
         c = self.cfg
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         ln1 = layers.LayerNorm(c.ln_eps, name="ln_1")
         ln2 = layers.LayerNorm(c.ln_eps, name="ln_2")
         attn = self._attention("attn")
         if c.norm_first:
-            x = self._residual(x, attn(ln1(x), mask=mask, causal=c.causal), "attn")
+            x = self._residual(x, attn(ln1(x), mask=mask, causal=c.causal, decode=decode), "attn")
             x = self._residual(x, self._mlp()(ln2(x)), "mlp")
         else:
-            x = ln1(self._residual(x, attn(x, mask=mask, causal=c.causal), "attn"))
+            x = ln1(self._residual(x, attn(x, mask=mask, causal=c.causal, decode=decode), "attn"))
             x = ln2(self._residual(x, self._mlp()(x), "mlp"))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -137,19 +145,55 @@ class DecoderBlock(EncoderBlock):
     """Self-attention (causal per cfg), cross-attention to `memory`, MLP; pre-LN by default."""
 
     @nn.compact
-    def __call__(self, x, mask=None, memory=None, memory_mask=None):
+    def __call__(self, x, mask=None, memory=None, memory_mask=None, decode=None):
         c = self.cfg
         ln = [layers.LayerNorm(c.ln_eps, name=f"ln_{i}") for i in (1, 2, 3)]
         self_attn, cross_attn = self._attention("attn"), self._attention("cross_attn")
+        if c.memory_ln:
+            memory = layers.LayerNorm(c.ln_eps, name="ln_memory")(memory)
         if c.norm_first:
-            x = self._residual(x, self_attn(ln[0](x), mask=mask, causal=c.causal), "attn")
-            x = self._residual(x, cross_attn(ln[1](x), memory, mask=memory_mask), "cross")
+            x = self._residual(x, self_attn(ln[0](x), mask=mask, causal=c.causal, decode=decode), "attn")
+            x = self._residual(x, cross_attn(ln[1](x), memory, mask=memory_mask, decode=decode), "cross")
             x = self._residual(x, self._mlp()(ln[2](x)), "mlp")
         else:
-            x = ln[0](self._residual(x, self_attn(x, mask=mask, causal=c.causal), "attn"))
-            x = ln[1](self._residual(x, cross_attn(x, memory, mask=memory_mask), "cross"))
+            x = ln[0](self._residual(x, self_attn(x, mask=mask, causal=c.causal, decode=decode), "attn"))
+            x = ln[1](self._residual(x, cross_attn(x, memory, mask=memory_mask, decode=decode), "cross"))
             x = ln[2](self._residual(x, self._mlp()(x), "mlp"))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class CrossAttentionBlock(EncoderBlock):
+    """Cross-attention to `memory` (LayerNorm'd too when `cfg.memory_ln`) + MLP, with residuals."""
+
+    @nn.compact
+    def __call__(self, x, memory, memory_mask=None, decode=None):
+        c = self.cfg
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        ln1, ln2 = layers.LayerNorm(c.ln_eps, name="ln_1"), layers.LayerNorm(c.ln_eps, name="ln_2")
+        if c.memory_ln:
+            memory = layers.LayerNorm(c.ln_eps, name="ln_memory")(memory)
+        attn = self._attention("cross_attn")
+        if c.norm_first:
+            x = self._residual(x, attn(ln1(x), memory, mask=memory_mask, decode=decode), "cross")
+            x = self._residual(x, self._mlp()(ln2(x)), "mlp")
+        else:
+            x = ln1(self._residual(x, attn(x, memory, mask=memory_mask, decode=decode), "cross"))
+            x = ln2(self._residual(x, self._mlp()(x), "mlp"))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class SelfCrossBlock(nn.Module):
+    """`EncoderBlock` (self-attention + MLP, causal per cfg), then `CrossAttentionBlock` (+ its own MLP)."""
+
+    cfg: BlockConfig
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, memory=None, memory_mask=None, decode=None):
+        x = EncoderBlock(self.cfg, self.deterministic, self.dtype, name="self")(x, mask, decode=decode)
+        return CrossAttentionBlock(self.cfg, self.deterministic, self.dtype, name="cross")(
+            x, memory, memory_mask, decode=decode)
 
 
 class _ScanBody(nn.Module):
@@ -159,10 +203,11 @@ class _ScanBody(nn.Module):
     cfg: BlockConfig
     deterministic: bool
     dtype: Any
+    decode: str | None = None
 
     @nn.compact
     def __call__(self, x, *args):
-        x = self.block_cls(self.cfg, self.deterministic, self.dtype, name="block")(x, *args)
+        x = self.block_cls(self.cfg, self.deterministic, self.dtype, name="block")(x, *args, decode=self.decode)
         return x, None
 
 
@@ -175,15 +220,18 @@ class TransformerStack(nn.Module):
 
     num_layers: int
     cfg: BlockConfig
-    block: str = "encoder"  # or "decoder"
+    block: str = "encoder"  # or "decoder", "self_cross" (blocks after x: (mask, memory, memory_mask))
     scan: bool = False
     remat_policy: str = "none"
     deterministic: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *args) -> jax.Array:
-        block_cls = {"encoder": EncoderBlock, "decoder": DecoderBlock}[self.block]
+    def __call__(self, x: jax.Array, *args, decode: str | None = None) -> jax.Array:
+        blocks = {"encoder": EncoderBlock, "decoder": DecoderBlock, "self_cross": SelfCrossBlock}
+        if self.block not in blocks:
+            raise ValueError(f"Unknown block {self.block!r}; choose one of {sorted(blocks)}.")
+        block_cls = blocks[self.block]
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"Unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}."
@@ -194,14 +242,14 @@ class TransformerStack(nn.Module):
         if self.scan:
             scanned = nn.scan(
                 body,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 1},  # cache leaves stay batch-major
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * len(args),
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(block_cls, self.cfg, self.deterministic, self.dtype, name="layers")(x, *args)
+            x, _ = scanned(block_cls, self.cfg, self.deterministic, self.dtype, decode, name="layers")(x, *args)
             return x
         for i in range(self.num_layers):
-            x, _ = body(block_cls, self.cfg, self.deterministic, self.dtype, name=f"layer_{i}")(x, *args)
+            x, _ = body(block_cls, self.cfg, self.deterministic, self.dtype, decode, name=f"layer_{i}")(x, *args)
         return x

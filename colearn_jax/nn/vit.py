@@ -2,7 +2,8 @@
 
 Bias-free patch embedding, class token, learned positions, `ln_pre` (CLIP), a pre-LN transformer
 stack, `ln_post` on the pooled token and an optional bias-free projection (Radford et al. 2021,
-Sec. 2.4). Returns the pooled (projected) embedding and all tokens (for CoCa / mPLUG fusion).
+Sec. 2.4). Returns the pooled (projected) embedding and all tokens (for CoCa / mPLUG fusion);
+`pool="none"` returns the tokens only, with no `ln_post` / projection (a model pooling them itself).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     output_dim: int | None = None  # bias-free projection after ln_post; None = no projection
     activation: str = "gelu"
-    pool: str = "cls"  # "cls" (class token) or "gap" (mean of patch tokens)
+    pool: str = "cls"  # "cls" (class token), "gap" (mean of patch tokens) or "none" (tokens only)
     ln_pre: bool = True
     ln_eps: float = 1e-5
     scan: bool = False
@@ -79,6 +80,10 @@ class VisionTransformer(nn.Module):
             self.num_layers, cfg, scan=self.scan, remat_policy=self.remat_policy,
             deterministic=not train, dtype=self.dtype, name="transformer",
         )(x)
+        if self.pool == "none":
+            return {"tokens": x}
+        if self.pool not in ("cls", "gap"):
+            raise ValueError(f"VisionTransformer.pool={self.pool!r}; choose 'cls', 'gap' or 'none'.")
         pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(axis=1)
         pooled = layers.LayerNorm(self.ln_eps, name="ln_post")(pooled)
         if self.output_dim is not None:

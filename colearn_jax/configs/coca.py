@@ -1,0 +1,156 @@
+"""CoCa configs. Run:  python experiments/train.py --config=configs/coca.py:scenes --workdir=/tmp/coca_scenes
+
+Presets (`--config=configs/coca.py:<preset>`), each docstring's first line the command that runs it:
+  tiny    seconds on a CPU, for tests (bundled digits captions, 16 px).
+  scenes  the CPU demo on `digit_scenes/scenes` (64 px scenes of 1-3 digits, the caption naming every
+          digit): trains on a 2-core CPU in under 20 minutes; evaluates zero-shot digit
+          classification on `digit_scenes/single` and greedy captions on the scenes' test split.
+  base    open_clip's coca_ViT-B-32 sizes on TFDS `coco_captions` (CLIP BPE tokenizer).
+  large   open_clip's coca_ViT-L-14 sizes on TFDS `coco_captions`.
+
+The fields CoCa adds to colearn_jax/configs/base.py: `model` (towers, poolers, decoder), `loss`
+(lambda_con, lambda_cap, gather, label_smoothing), the image+caption `data` fields of the shared
+pipeline (colearn_jax/data/pipeline.py) and `eval` (zero-shot, captioning).
+"""
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from colearn_jax.configs import base
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_TEMPLATES = ["a photo of the digit {}", "a handwritten {}", "an image of the numeral {}", "the number {}"]
+# digit_scenes.ZEROSHOT_TEMPLATES (the `single` scenes' caption style)
+SCENES_TEMPLATES = ["the digit {}", "one digit: a {}", "a small {}", "a large {}"]
+
+
+def _base() -> ml_collections.ConfigDict:
+    """python experiments/train.py --config=configs/coca.py:scenes --workdir=/tmp/coca_scenes"""
+    c = base.get_config()
+    c.model.name = "coca"
+    c.model.embed_dim = 64
+    c.model.activation = "gelu"
+    c.model.dtype = "float32"
+    c.model.scan = False
+    c.model.remat_policy = "none"
+    c.model.attention_impl = config_dict.placeholder(str)
+    c.model.dropout = 0.0
+    c.model.init_logit_scale = math.log(1 / 0.07)
+    c.model.pooler = "open_clip"  # paper: 1-query contrastive + N-query captioning poolers
+    c.model.num_queries = 16  # open_clip: all queries (the first is the contrastive one); paper: captioning ones
+    c.model.pooler_heads = 4
+    c.model.tie_embeddings = False
+    c.model.legacy_cls_mask = False  # True for released open_clip CoCa weights
+    c.model.vision = ml_collections.ConfigDict(
+        dict(image_size=64, patch_size=8, width=96, layers=4, heads=4, mlp_ratio=4.0))
+    # context_length: text positions before the appended CLS token
+    c.model.text = ml_collections.ConfigDict(
+        dict(vocab_size=259, context_length=96, width=64, layers=2, heads=4, mlp_ratio=4.0))
+    c.model.decoder = ml_collections.ConfigDict(dict(layers=2, heads=4, mlp_ratio=4.0))  # width = text width
+
+    c.loss = ml_collections.ConfigDict(dict(lambda_con=1.0, lambda_cap=2.0, gather="auto", label_smoothing=0.0))
+
+    c.data.name = "digit_scenes/scenes"
+    c.data.data_dir = config_dict.placeholder(str)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.image_key = "image"
+    c.data.text_key = "caption"  # the caption naming every digit, left to right
+    c.data.label_key = config_dict.placeholder(str)
+    c.data.image_size = 64
+    c.data.context_length = 96
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 100
+    c.data.augment = False
+    c.data.tokenizer = "byte"
+    c.data.vocab_path = config_dict.placeholder(str)
+    c.data.cache_decoded = True
+    c.data.mixture = []
+    c.data.normalize_on_device = False
+
+    c.optim.update(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
+                   schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0)
+    # ~1 step/s at batch 64 on a shared 2-core CPU (64 px, byte captions): ~17 min with two evaluations
+    c.train.update(num_steps=1000, log_every=50, eval_every=500, checkpoint_every=500,
+                   best_metric="caption_digits_correct")
+
+    c.eval.zeroshot = True
+    c.eval.zeroshot_data = "digit_scenes/single"  # a labelled dataset; "" = the eval split (needs labels)
+    c.eval.zeroshot_split = "test"
+    c.eval.class_names = list(DIGIT_NAMES)
+    c.eval.templates = list(SCENES_TEMPLATES)
+    c.eval.retrieval = False  # image<->text Recall@K on the zero-shot data
+    c.eval.captions = True  # captions of the eval split
+    c.eval.caption_method = "greedy"  # greedy | beam
+    c.eval.caption_num_beams = 3
+    c.eval.caption_max_new_tokens = 95  # <= model.text.context_length - 1 (after the start token)
+    c.eval.caption_max_batches = 5  # eval batches captioned (0: the whole split)
+    return c
+
+
+def _tiny(c):
+    """python experiments/train.py --config=configs/coca.py:tiny --workdir=/tmp/coca_tiny"""
+    c.model.embed_dim = 16
+    c.model.num_queries = 5
+    c.model.pooler_heads = 2
+    c.model.vision.update(image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    c.model.text.update(context_length=24, width=32, layers=1, heads=2)
+    c.model.decoder.update(layers=1, heads=2)
+    c.data.update(name="digits_captions", text_key="captions", label_key="label", image_size=16, context_length=24,
+                  batch_size=32, eval_batch_size=40)
+    c.eval.update(zeroshot_data="", templates=list(DIGITS_TEMPLATES), caption_max_new_tokens=12,
+                  caption_max_batches=1)
+    c.train.update(num_steps=8, log_every=2, eval_every=8, checkpoint_every=4, progress_bar=False,
+                   compilation_cache_dir="", best_metric="zeroshot_top1")
+    c.optim.warmup_steps = 2
+    return c
+
+
+def _scenes(c):
+    """python experiments/train.py --config=configs/coca.py:scenes --workdir=/tmp/coca_scenes"""
+    return c
+
+
+def _coco(c, *, embed, vision, text, decoder_heads, pooler_heads):
+    c.model.update(embed_dim=embed, scan=True, pooler="open_clip", num_queries=256, pooler_heads=pooler_heads,
+                   legacy_cls_mask=False)
+    c.model.vision = ml_collections.ConfigDict(vision)
+    c.model.text = ml_collections.ConfigDict(text)
+    c.model.decoder = ml_collections.ConfigDict(dict(layers=12, heads=decoder_heads, mlp_ratio=4.0))
+    c.data.update(name="coco_captions", train_split="train", eval_split="val", text_key="captions/text",
+                  label_key=None, image_size=224, context_length=76, batch_size=256, eval_batch_size=256,
+                  tokenizer="clip_bpe", cache_decoded=False)
+    c.eval.update(zeroshot=False, retrieval=False, class_names=[], templates=[], caption_method="beam",
+                  caption_num_beams=3, caption_max_new_tokens=29, caption_max_batches=20)
+    c.optim.update(lr=5e-4, warmup_steps=10_000, weight_decay=0.2)
+    c.train.update(num_steps=100_000, eval_every=5000, checkpoint_every=2000, log_every=100, best_metric="")
+    return c
+
+
+def _base_b32(c):
+    """python experiments/train.py --config=configs/coca.py:base --workdir=/tmp/coca_base"""
+    return _coco(c, embed=512, vision=dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0),
+                 text=dict(vocab_size=49408, context_length=76, width=512, layers=12, heads=8, mlp_ratio=4.0),
+                 decoder_heads=8, pooler_heads=8)
+
+
+def _large_l14(c):
+    """python experiments/train.py --config=configs/coca.py:large --workdir=/tmp/coca_large"""
+    return _coco(c, embed=768, vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16,
+                                           mlp_ratio=4.0),
+                 text=dict(vocab_size=49408, context_length=76, width=768, layers=12, heads=12, mlp_ratio=4.0),
+                 decoder_heads=12, pooler_heads=8)
+
+
+PRESETS = {"tiny": _tiny, "scenes": _scenes, "base": _base_b32, "large": _large_l14}
+
+
+def get_config(arg: str = "scenes") -> ml_collections.ConfigDict:
+    """`arg` = preset name (tiny | scenes | base | large)."""
+    preset = arg or "scenes"
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown CoCa preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    c = PRESETS[preset](_base())
+    c.lock()
+    return c
