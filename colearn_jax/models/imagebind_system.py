@@ -114,8 +114,10 @@ def prepare(config):
             out["thermal"] = (out["thermal"].astype(jnp.float32) / 255.0 - THERMAL_MEAN) / THERMAL_STD
         if "imu" in out:
             out["imu"] = out["imu"].astype(jnp.float32)
-        if "depth" in out:
-            out["depth"] = out["depth"].astype(jnp.float32)
+        if "depth" in out:  # disparity standardised per image: the relief, not the distance to the plane
+            dep = out["depth"].astype(jnp.float32)
+            dep = dep - dep.mean(axis=(1, 2, 3), keepdims=True)
+            out["depth"] = dep / (dep.std(axis=(1, 2, 3), keepdims=True) + 1e-6)
         return out
 
     return fn
