@@ -25,7 +25,9 @@ def check_variables(config: ml_collections.ConfigDict, variables: dict) -> None:
 
     system = get_system(config.model.name)
     model = system.build_model(config)
-    batch = system.example_batch(config, 1)
+    from colearn_jax.train.program import model_example_batch  # noqa: PLC0415
+
+    batch = model_example_batch(system, config, 1)  # what the model sees: after the system's batch transform
     expected = nn.unbox(jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b, train=False), batch))
     exp_flat = {jax.tree_util.keystr(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}

@@ -68,11 +68,15 @@ def _opt(cfg, key: str) -> Any:
 def make_source(name: str, split: str, data_dir: str | None = None):
     """Random-access TFDS data source of `name[split]`.
 
-    The local datasets are built on first use: `digits_captions`, and `digit_scenes/<config>`
+    The local datasets are built on first use: `digits_captions`, `digit_modalities`, and `digit_scenes/<config>`
     for its standard configs (custom ones, `digit_scenes.make_config`, are read once built).
     """
     if name == "digits_captions":
         data_dir = digits.ensure_built(data_dir)
+    if name == "digit_modalities":
+        from colearn_jax.data import digit_modalities  # pylint: disable=import-outside-toplevel
+
+        data_dir = digit_modalities.ensure_built(data_dir)
     base, _, config = name.partition("/")
     if base == "digit_scenes":
         from colearn_jax.data import digit_scenes  # pylint: disable=import-outside-toplevel

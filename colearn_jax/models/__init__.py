@@ -97,4 +97,4 @@ def get_system(name: str) -> System:
 
 
 def _load_builtin():
-    from colearn_jax.models import clip_system, coca_system, simclr_system  # noqa: F401,PLC0415
+    from colearn_jax.models import clip_system, coca_system, imagebind_system, simclr_system  # noqa: F401,PLC0415

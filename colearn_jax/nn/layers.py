@@ -89,10 +89,15 @@ class DropPath(nn.Module):
     rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: jax.Array, deterministic: bool = True, rate=None) -> jax.Array:
+        """`rate` (a float or a traced scalar < 1) overrides the attribute, e.g. per layer inside a scan."""
+        if rate is None:
+            rate = self.rate
+            if rate == 0.0:
+                return x
+        if deterministic:
             return x
-        keep = 1.0 - self.rate
+        keep = 1.0 - rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, 0).astype(x.dtype)

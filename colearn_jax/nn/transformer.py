@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from colearn_jax.nn import layers
 from colearn_jax.nn.attention import MultiHeadAttention
@@ -99,10 +100,10 @@ class EncoderBlock(nn.Module):
     deterministic: bool = True
     dtype: Any = jnp.float32
 
-    def _residual(self, x, branch, name):
+    def _residual(self, x, branch, name, drop_path_rate=None):
         branch = nn.Dropout(self.cfg.dropout)(branch, deterministic=self.deterministic)
         branch = layers.DropPath(self.cfg.drop_path, name=f"drop_path_{name}")(
-            branch, deterministic=self.deterministic
+            branch, deterministic=self.deterministic, rate=drop_path_rate
         )
         return x + branch
 
@@ -126,18 +127,20 @@ class EncoderBlock(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, decode: str | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, decode: str | None = None,
+                 drop_path_rate=None) -> jax.Array:
+        """`drop_path_rate` (optional, may be traced) overrides cfg.drop_path: per-layer stochastic depth."""
         c = self.cfg
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         ln1 = layers.LayerNorm(c.ln_eps, name="ln_1")
         ln2 = layers.LayerNorm(c.ln_eps, name="ln_2")
         attn = self._attention("attn")
         if c.norm_first:
-            x = self._residual(x, attn(ln1(x), mask=mask, causal=c.causal, decode=decode), "attn")
-            x = self._residual(x, self._mlp()(ln2(x)), "mlp")
+            x = self._residual(x, attn(ln1(x), mask=mask, causal=c.causal, decode=decode), "attn", drop_path_rate)
+            x = self._residual(x, self._mlp()(ln2(x)), "mlp", drop_path_rate)
         else:
-            x = ln1(self._residual(x, attn(x, mask=mask, causal=c.causal, decode=decode), "attn"))
-            x = ln2(self._residual(x, self._mlp()(x), "mlp"))
+            x = ln1(self._residual(x, attn(x, mask=mask, causal=c.causal, decode=decode), "attn", drop_path_rate))
+            x = ln2(self._residual(x, self._mlp()(x), "mlp", drop_path_rate))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -211,6 +214,15 @@ class _ScanBody(nn.Module):
         return x, None
 
 
+class _ScanBodyDropPath(_ScanBody):
+    """`_ScanBody` whose second input is the layer's drop-path rate (scanned over layers)."""
+
+    @nn.compact
+    def __call__(self, x, rate, *args):
+        x = self.block_cls(self.cfg, self.deterministic, self.dtype, name="block")(x, *args, drop_path_rate=rate)
+        return x, None
+
+
 class TransformerStack(nn.Module):
     """`num_layers` identical blocks, optionally scanned and/or rematerialised.
 
@@ -225,6 +237,9 @@ class TransformerStack(nn.Module):
     remat_policy: str = "none"
     deterministic: bool = True
     dtype: Any = jnp.float32
+    # Stochastic depth rising linearly from 0 at the first layer to cfg.drop_path at the last (timm /
+    # ImageBind's "progressive"); False: cfg.drop_path in every layer. Encoder blocks only.
+    drop_path_progressive: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *args, decode: str | None = None) -> jax.Array:
@@ -232,6 +247,10 @@ class TransformerStack(nn.Module):
         if self.block not in blocks:
             raise ValueError(f"Unknown block {self.block!r}; choose one of {sorted(blocks)}.")
         block_cls = blocks[self.block]
+        if self.drop_path_progressive and self.cfg.drop_path > 0:
+            if decode is not None:
+                raise ValueError("drop_path_progressive stacks (training-time encoders) have no decode mode.")
+            return self._progressive(block_cls, x, *args)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"Unknown remat_policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}."
@@ -253,3 +272,29 @@ class TransformerStack(nn.Module):
         for i in range(self.num_layers):
             x, _ = body(block_cls, self.cfg, self.deterministic, self.dtype, decode, name=f"layer_{i}")(x, *args)
         return x
+
+    def _progressive(self, block_cls, x, *args):
+        if self.block != "encoder":
+            raise ValueError("drop_path_progressive supports encoder stacks only.")
+        rates = np.linspace(0.0, self.cfg.drop_path, self.num_layers)
+        if not self.scan:
+            for i in range(self.num_layers):
+                cfg = dataclasses.replace(self.cfg, drop_path=float(rates[i]))
+                x, _ = self._body(_ScanBody)(block_cls, cfg, self.deterministic, self.dtype, name=f"layer_{i}")(x, *args)
+            return x
+        scanned = nn.scan(
+            self._body(_ScanBodyDropPath),
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0,) + (nn.broadcast,) * len(args),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = scanned(block_cls, self.cfg, self.deterministic, self.dtype, name="layers")(
+            x, jnp.asarray(rates, jnp.float32), *args)
+        return x
+
+    def _body(self, body):
+        if self.remat_policy == "none":
+            return body
+        return nn.remat(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
