@@ -5,6 +5,7 @@
   `clip_architecture` (shapes + model-config JSON -> architecture), `clip_weights` (state dict ->
   parameter tree, per source) and `clip_config` (architecture -> config).
 * `resnet`: CLIP's ModifiedResNet image tower.
+* `imagebind`: facebookresearch/ImageBind checkpoints (`imagebind_huge.pth`) -> colearn_jax's ImageBind.
 * `torch_reader`: safetensors / torch pickle / TorchScript files -> numpy; `reading`: tracked
   state-dict access and model-config JSON; `writing`: check and save a converted checkpoint.
 """

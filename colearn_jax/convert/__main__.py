@@ -1,5 +1,5 @@
-"""Convert a public checkpoint (CLIP, an open_clip CoCa, or a torchvision-layout ResNet) into a colearn_jax
-checkpoint directory.
+"""Convert a public checkpoint (CLIP, an open_clip CoCa, a torchvision-layout ResNet, or ImageBind) into a
+colearn_jax checkpoint directory.
 
     python -m colearn_jax.convert --source=openai --input=ViT-B-32.pt --output=/tmp/clip_b32
     python -m colearn_jax.convert --source=open_clip --input=model.safetensors --model_config=ViT-B-16.json \
@@ -9,6 +9,8 @@ checkpoint directory.
         --output=/tmp/coca_b32          # an open_clip CoCa (text_decoder.* keys) -> colearn_jax's CoCa
     python -m colearn_jax.convert --source=torchvision_resnet --input=resnet50.pth --output=/tmp/r50 \
         [--with_classifier] [--prefix=encoder.] [--image_size=224]
+    python -m colearn_jax.convert --source=imagebind --input=imagebind_huge.pth --output=/tmp/imagebind_huge \
+        [--scan] [--heads=vision:16,text:16,...] [--audio_stride=10]   # facebookresearch/ImageBind layout
 
 The output loads with `model, variables, config = colearn_jax.load(OUTPUT)`.
 """
@@ -20,7 +22,8 @@ import sys
 from colearn_jax.convert.clip import SOURCES as CLIP_SOURCES
 
 RESNET_SOURCES = ("torchvision_resnet",)
-SOURCES = CLIP_SOURCES + RESNET_SOURCES
+IMAGEBIND_SOURCES = ("imagebind",)
+SOURCES = CLIP_SOURCES + RESNET_SOURCES + IMAGEBIND_SOURCES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torchvision_resnet: keep `fc` as the classifier (system simclr_finetune); default: drop it")
     p.add_argument("--prefix", default=None, help="torchvision_resnet: key prefix of the ResNet (default: found)")
     p.add_argument("--image_size", type=int, default=None, help="torchvision_resnet: config.data.image_size")
+    p.add_argument("--heads", default=None,
+                   help="imagebind: head counts per modality, e.g. vision:16,text:16 (default: the released "
+                        "imagebind_huge counts where a tower has the released width)")
+    p.add_argument("--audio_stride", type=int, default=10, help="imagebind: the audio stem's stride (released: 10)")
+    p.add_argument("--audio_mel_bins", type=int, default=128, help="imagebind: log-mel bins (released: 128)")
+    p.add_argument("--audio_frames", type=int, default=204, help="imagebind: log-mel frames (released: 204)")
     return p.parse_args(argv)
 
 
@@ -57,6 +66,20 @@ def _convert_resnet(args):
     return config, variables, resnet_v1.describe(config)
 
 
+def _convert_imagebind(args):
+    from colearn_jax.convert import imagebind  # noqa: PLC0415
+    from colearn_jax.convert.torch_reader import read_state_dict  # noqa: PLC0415
+
+    heads = imagebind.parse_heads(args.heads)
+    for name, n in (("vision", args.vision_heads), ("text", args.text_heads)):
+        if n is not None:
+            heads[name] = n
+    config, variables = imagebind.convert_state_dict(
+        read_state_dict(args.input), heads, scan=args.scan, audio_stride=args.audio_stride,
+        audio_mel_bins=args.audio_mel_bins, audio_frames=args.audio_frames)
+    return config, variables, imagebind.describe(config)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from colearn_jax.convert.clip import ConversionError, convert, describe, save_checkpoint  # noqa: PLC0415
@@ -65,6 +88,8 @@ def main(argv=None) -> int:
     try:
         if args.source in RESNET_SOURCES:
             config, variables, description = _convert_resnet(args)
+        elif args.source in IMAGEBIND_SOURCES:
+            config, variables, description = _convert_imagebind(args)
         else:
             config, variables = convert(
                 args.source, args.input, model_config=args.model_config, scan=args.scan,
