@@ -80,8 +80,8 @@ def make_caption_evaluator(config, mesh, rules, eval_data, decode_fns, tokenizer
                 out = decoding.generate(prefill_fn, step_fn, variables, batch["image"], prompt, dcfg)
                 tokens = np.asarray(gather(out.tokens))[keep]
                 texts = np.asarray(gather(batch["text"]))[keep]
-                hyps += [tokenizer.decode(_strip(row, tokenizer)) for row in tokens]
-                refs += [tokenizer.decode(_strip(row[1:], tokenizer)) for row in texts]
+                hyps += captioning.decode_generated(tokens, tokenizer)
+                refs += captioning.decode_generated(texts, tokenizer)
         metrics = {"caption_exact": float(np.mean([h.strip() == r.strip() for h, r in zip(hyps, refs)]))}
         if class_names:
             metrics["caption_digits_correct"] = float(np.mean(
@@ -91,9 +91,3 @@ def make_caption_evaluator(config, mesh, rules, eval_data, decode_fns, tokenizer
 
     return evaluate
 
-
-def _strip(row: np.ndarray, tokenizer) -> np.ndarray:
-    """Ids up to (not including) the first end-of-text."""
-    row = np.asarray(row)
-    end = np.flatnonzero(row == tokenizer.eot_id)
-    return row[: end[0]] if end.size else row
