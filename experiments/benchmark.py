@@ -123,11 +123,9 @@ def setup_devices(num_cpu_devices: int = 0, multihost: bool = False):
     from colearn_jax import host_memory  # noqa: PLC0415
 
     if num_cpu_devices:
-        if "jax" in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-            raise RuntimeError("--num_cpu_devices must be applied before JAX is imported.")
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_cpu_devices}"
-        ).strip()
+        from colearn_jax import cpu_devices  # noqa: PLC0415
+
+        cpu_devices.simulate(num_cpu_devices)
         os.environ["JAX_PLATFORMS"] = "cpu"
     host_memory.configure_allocator()
     import jax  # noqa: PLC0415

@@ -11,9 +11,11 @@ import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from colearn_jax import cpu_devices  # noqa: E402  (imports no JAX)
+
+cpu_devices.simulate(8)
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

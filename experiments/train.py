@@ -55,9 +55,9 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 def main(argv):
     del argv
     if _NUM_CPU_DEVICES.value:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_NUM_CPU_DEVICES.value}"
-        )
+        from colearn_jax import cpu_devices  # noqa: PLC0415
+
+        cpu_devices.simulate(_NUM_CPU_DEVICES.value)
     from colearn_jax import host_memory  # noqa: PLC0415
 
     host_memory.configure_allocator()  # CPU hosts: reuse the step's scratch buffer (before JAX starts)

@@ -1,9 +1,9 @@
 """Test set-up: 8 simulated CPU devices and the host allocator (set before jax is imported), fixtures."""
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from colearn_jax import cpu_devices  # noqa: E402  (imports no JAX)
+
+cpu_devices.simulate(8)  # with collective timeouts that survive a loaded CI runner (see its docstring)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", ".tfds_test_cache"))

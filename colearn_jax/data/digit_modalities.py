@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from colearn_jax.data import build_lock
 from colearn_jax.data import digits as _digits
 
 NAME = "digit_modalities"
@@ -250,10 +251,10 @@ class DigitModalities(tfds.core.GeneratorBasedBuilder):
 def ensure_built(data_dir: str | None = None) -> str:
     """Builds `digit_modalities` (array_record) under `data_dir` if needed; returns data_dir."""
     data_dir = os.path.abspath(os.path.expanduser(data_dir or _digits.default_data_dir()))
-    if os.path.exists(os.path.join(data_dir, NAME, str(DigitModalities.VERSION), "dataset_info.json")):
-        return data_dir
-    builder = DigitModalities(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with build_lock.exclusive(data_dir, NAME):
+        if not os.path.exists(os.path.join(data_dir, NAME, str(DigitModalities.VERSION), "dataset_info.json")):
+            builder = DigitModalities(data_dir=data_dir, file_format="array_record")
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return data_dir
 
 

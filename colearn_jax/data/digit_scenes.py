@@ -67,6 +67,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from colearn_jax.data import build_lock
 from colearn_jax.data import digits as _digits
 from colearn_jax.data import scene_annotate as A
 from colearn_jax.data import scene_render as R
@@ -306,19 +307,20 @@ def ensure_built(data_dir: str | None = None, config="scenes") -> str:
     data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     version_dir = os.path.join(data_dir, NAME, cfg.name, str(DigitScenes.VERSION))
     params_file = os.path.join(version_dir, "digit_scenes_config.json")
-    if os.path.exists(os.path.join(version_dir, "dataset_info.json")):
-        if os.path.exists(params_file):
-            with open(params_file) as f:
-                built = json.load(f)
-            if built != cfg.params():
-                raise ValueError(f"{version_dir} was built with {built}, not {cfg.params()}; "
-                                 "give the config another name or another data_dir.")
-        return data_dir
-    builder = DigitScenes(config=cfg, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    with open(params_file, "w") as f:
-        json.dump(cfg.params(), f, indent=1, sort_keys=True)
+    with build_lock.exclusive(data_dir, f"{NAME}.{cfg.name}"):
+        if os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+            if os.path.exists(params_file):
+                with open(params_file) as f:
+                    built = json.load(f)
+                if built != cfg.params():
+                    raise ValueError(f"{version_dir} was built with {built}, not {cfg.params()}; "
+                                     "give the config another name or another data_dir.")
+            return data_dir
+        builder = DigitScenes(config=cfg, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        with open(params_file, "w") as f:
+            json.dump(cfg.params(), f, indent=1, sort_keys=True)
     return data_dir
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from colearn_jax.data import build_lock
+
 IMAGE_SIZE = 32
 NUM_TEST = 300
 SPLIT_SEED = 0
@@ -151,9 +153,9 @@ def ensure_built(data_dir: str | None = None) -> str:
     """Builds `digits_captions` (array_record) under `data_dir` if needed; returns `data_dir`."""
     data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     version_dir = os.path.join(data_dir, "digits_captions", str(DigitsCaptions.VERSION))
-    if os.path.exists(os.path.join(version_dir, "dataset_info.json")):
-        return data_dir
-    builder = DigitsCaptions(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with build_lock.exclusive(data_dir, "digits_captions"):
+        if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+            builder = DigitsCaptions(data_dir=data_dir, file_format="array_record")
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return data_dir

@@ -1,0 +1,31 @@
+"""Simulated CPU devices: the XLA flags that split one host into N devices, set before JAX starts.
+
+`--xla_force_host_platform_device_count=N` runs every device's program on its own thread; the
+collectives between them (all-gather, psum, ppermute) meet at a rendezvous. XLA:CPU aborts the whole
+process (SIGABRT, "Termination timeout ... exceeded") when one participant arrives more than a fixed
+time after the others. Eight device threads on a busy 2-core machine can be that late, so a run (or
+the test suite) died mid-way with exit code 134 on a loaded CI runner although nothing was wrong:
+`tests/test_sharding.py`'s BatchNorm case reproduces it here with four busy loops beside it and the
+timeout at 1 s, and passes with the same load and the timeouts below. Simulated devices are for
+correctness and memory studies, never timing, so a late thread is waited for instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Seconds a rendezvous waits for a late device thread before XLA:CPU aborts the process.
+COLLECTIVE_TIMEOUT_S = 3600
+
+
+def simulate(num_devices: int) -> None:
+    """Makes JAX (started after this call) see `num_devices` CPU devices, with patient collectives."""
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" in sys.modules and f"--xla_force_host_platform_device_count={num_devices}" not in flags:
+        raise RuntimeError("Simulated CPU devices must be set before JAX is imported.")
+    extra = [f"--xla_force_host_platform_device_count={num_devices}",
+             f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}",
+             f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}"]
+    os.environ["XLA_FLAGS"] = " ".join([flags] + [f for f in extra if f.split("=")[0] not in flags]).strip()
