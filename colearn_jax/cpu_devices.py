@@ -23,9 +23,19 @@ def simulate(num_devices: int) -> None:
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     flags = os.environ.get("XLA_FLAGS", "")
-    if "jax" in sys.modules and f"--xla_force_host_platform_device_count={num_devices}" not in flags:
-        raise RuntimeError("Simulated CPU devices must be set before JAX is imported.")
+    if _backend_started() and f"--xla_force_host_platform_device_count={num_devices}" not in flags:
+        raise RuntimeError("Simulated CPU devices must be set before JAX starts its backend (before the "
+                           "first jax.devices(), array or jit).")
     extra = [f"--xla_force_host_platform_device_count={num_devices}",
              f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}",
              f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}"]
     os.environ["XLA_FLAGS"] = " ".join([flags] + [f for f in extra if f.split("=")[0] not in flags]).strip()
+
+
+def _backend_started() -> bool:
+    """XLA reads XLA_FLAGS when JAX creates its first backend, not at `import jax`."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # noqa: PLC0415
+
+    return xla_bridge.backends_are_initialized()
