@@ -90,8 +90,12 @@ def train(config, workdir: str) -> dict:
     """Trains (or resumes) `config` in `workdir`; returns the final variables and this call's wall time."""
     from colearn_jax.train import loop  # noqa: PLC0415
 
+    from colearn_jax.train.stop import stop_requested  # noqa: PLC0415
+
     t0 = time.time()
     state = loop.train(config, workdir)
+    if stop_requested():  # loop.train saved and returned early: end the script, not only this run
+        raise SystemExit(f"Stopped by a signal; {workdir} keeps its checkpoint: run the same command to resume.")
     return {"variables": state.variables(), "wall_s": time.time() - t0}
 
 
@@ -175,8 +179,11 @@ def main(argv):
     from colearn_jax import host_memory  # noqa: PLC0415
 
     host_memory.configure_allocator()
+    from colearn_jax.train.stop import GracefulStop  # noqa: PLC0415
+
     config = _CONFIG.value
-    result = run_ablation(config) if FLAGS.ablation else run_main(config)
+    with GracefulStop():  # held across the runs, so a signal ends the script after the current run saves
+        result = run_ablation(config) if FLAGS.ablation else run_main(config)
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:

@@ -64,17 +64,12 @@ def test_inflated_clip_towers_match_and_stay_frozen(tmp_path):
     after 2 SGD steps vision/text are bit-identical while the audio tower moved."""
     from colearn_jax.convert.writing import save_checkpoint
     from colearn_jax.models import get_system
-    from colearn_jax.models.imagebind_system import inflate_clip
+    from colearn_jax.models.imagebind_system import clip_config_for, inflate_clip
 
     ib = _config(mods=["vision", "text", "audio"])
     clip_cfg = load_config("clip.py:tiny")
     clip_cfg.unlock()
-    tv, tt = ib.model.towers.vision, ib.model.towers.text
-    clip_cfg.model.embed_dim = ib.model.embed_dim
-    clip_cfg.model.vision.update(image_size=16, patch_size=8, width=tv.width, layers=tv.layers, heads=tv.heads)
-    clip_cfg.model.text.update(vocab_size=tt.vocab_size, context_length=tt.context_length, width=tt.width,
-                               layers=tt.layers, heads=tt.heads)
-    clip_cfg.data.context_length = tt.context_length
+    clip_config_for(ib, clip_cfg)
     clip_sys = get_system("clip")
     clip_model = clip_sys.build_model(clip_cfg)
     batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), clip_sys.example_batch(clip_cfg, 2))

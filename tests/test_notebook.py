@@ -1,6 +1,6 @@
 """notebooks/colab.ipynb runs end to end on CPU against a checkpoint written in the test.
 
-The checkpoints are the `configs/clip.py:tiny` and `configs/simclr.py:tiny` models with freshly initialised
+The checkpoints are the `configs/clip.py:tiny`, `configs/simclr.py:tiny` and `configs/imagebind.py:tiny` models with freshly initialised
 weights, written through `colearn_jax.convert.writing.save_checkpoint` (the path converted checkpoints take)
 - the notebook only needs something `colearn_jax.load` accepts, not a good model. The Colab-only install cell is guarded
 by `IN_COLAB` and is skipped here as well.
@@ -51,6 +51,11 @@ def simclr_checkpoint(tmp_path_factory):
     return _fresh_checkpoint("simclr.py:tiny", tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def imagebind_checkpoint(tmp_path_factory):
+    return _fresh_checkpoint("imagebind.py:tiny", tmp_path_factory)
+
+
 def test_install_cell_is_guarded():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     install = [c for c in nb.cells if "install" in _tags(c)]
@@ -58,11 +63,12 @@ def test_install_cell_is_guarded():
     assert "if IN_COLAB:" in install[0].source and "%pip install" in install[0].source
 
 
-def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, tmp_path, monkeypatch):
+def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, imagebind_checkpoint, tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells = [c for c in nb.cells if "install" not in _tags(c)]
     monkeypatch.setenv("COLEARN_JAX_CKPT", checkpoint)
     monkeypatch.setenv("COLEARN_JAX_SIMCLR_CKPT", simclr_checkpoint)
+    monkeypatch.setenv("COLEARN_JAX_IMAGEBIND_CKPT", imagebind_checkpoint)
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = nbclient.NotebookClient(
@@ -73,11 +79,13 @@ def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, tmp_path, monke
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     by_tag = {t: c for c in nb.cells for t in _tags(c)}
-    for tag in ("heatmap", "zeroshot", "retrieval", "simclr_neighbours"):
+    for tag in ("heatmap", "zeroshot", "retrieval", "simclr_neighbours", "imagebind_zeroshot"):
         pngs = [o for o in by_tag[tag].outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
         assert pngs, f"the {tag!r} cell produced no figure"
     text = lambda c: "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream")  # noqa: E731
     assert "zero-shot accuracy on these 20 images" in text(by_tag["zeroshot"])
+    for modality in ("vision", "audio", "depth", "thermal", "imu"):  # every tiny tower was embedded and scored
+        assert f"zero-shot from text prompts, {modality}" in text(by_tag["imagebind_zeroshot"])
     assert "a handwritten seven" in text(by_tag["retrieval"])
     assert "on the diagonal" in text(by_tag["heatmap"])
     assert "simclr" in text(by_tag["simclr_load"]) and "digit_scenes/single" in text(by_tag["simclr_load"])

@@ -48,14 +48,6 @@ IMAGE_SIZE = _digits.IMAGE_SIZE
 CLASS_NAMES = _digits.CLASS_NAMES
 MODALITIES = ("audio", "depth", "thermal", "imu")
 CAPTION_TEMPLATES = ("the number {word}", "a handwritten {num}", "the digit {word}", "a drawing of a {word}")
-# Emergent zero-shot prompts, one set per modality ({} = class name), as ImageBind prompts with text only.
-PROMPTS = {
-    "image": ("a photo of the digit {}", "the number {}"),
-    "audio": ("the sound of the digit {}", "someone saying {}"),
-    "depth": ("a depth map of the digit {}", "the number {}"),
-    "thermal": ("a thermal image of the digit {}", "the number {}"),
-    "imu": ("writing the digit {}", "the number {}"),
-}
 
 # Two formant-like frequencies (Hz) per class, spread so that every class has its own pair.
 FORMANTS = tuple((300.0 + 70.0 * d, 1100.0 + 230.0 * ((3 * d) % 10)) for d in range(10))

@@ -347,6 +347,23 @@ def make_evaluator(config, mesh, rules):
 
 
 # ----------------------------------------------------------------------------- CLIP towers
+def clip_config_for(config, clip_config):
+    """`clip_config` (a CLIP ViT config, unlocked) resized so that its image and text towers, joint width and
+    text context are this ImageBind config's: a CLIP trained with it can be copied by `inflate_clip`."""
+    towers = dict(zip(config.model.modalities, tower_configs(config)))
+    vision, text = towers["vision"], towers["text"]
+    if clip_config.model.vision.type != "vit":
+        raise ValueError(f"ImageBind's image tower is a ViT; the CLIP config has a {clip_config.model.vision.type!r} one.")
+    clip_config.model.embed_dim = config.model.embed_dim
+    clip_config.model.vision.update(image_size=vision.input_size[-1], patch_size=vision.patch[-1], width=vision.width,
+                                    layers=vision.layers, heads=vision.heads, mlp_ratio=vision.mlp_ratio)
+    clip_config.model.text.update(vocab_size=text.vocab_size, context_length=text.context_length, width=text.width,
+                                  layers=text.layers, heads=text.heads, mlp_ratio=text.mlp_ratio)
+    clip_config.data.update(image_size=config.data.image_size, context_length=text.context_length,
+                            tokenizer=config.data.tokenizer, vocab_path=config.data.vocab_path)
+    return clip_config
+
+
 def inflate_clip(clip_path: str, config, output_dir: str, seed: int = 0) -> str:
     """Writes an ImageBind checkpoint whose vision and text towers (and text logit scale) are a CLIP
     checkpoint's (`colearn_jax.load` format), the other towers freshly initialised. The 2-D patch kernel
