@@ -7,15 +7,19 @@ time after the others. Eight device threads on a busy 2-core machine can be that
 the test suite) died mid-way with exit code 134 on a loaded CI runner although nothing was wrong:
 `tests/test_sharding.py`'s BatchNorm case reproduces it here with four busy loops beside it and the
 timeout at 1 s, and passes with the same load and the timeouts below. Simulated devices are for
-correctness and memory studies, never timing, so a late thread is waited for instead.
+correctness and memory studies, never timing, so a late thread is waited for instead — up to
+`COLLECTIVE_TIMEOUT_S`, not forever: the same test was once seen *deadlocked* on an idle machine
+(every device thread asleep in a rendezvous), and a deadlock should end in a clear abort within
+minutes, not hang a CI job until its wall-clock limit. Tests also dispatch synchronously
+(`jax_cpu_enable_async_dispatch=False`, tests/conftest.py), so no two programs' device threads interleave.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-# Seconds a rendezvous waits for a late device thread before XLA:CPU aborts the process.
-COLLECTIVE_TIMEOUT_S = 3600
+# Seconds a rendezvous waits for a late device thread before XLA:CPU aborts the process (XLA's default: 40).
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def simulate(num_devices: int) -> None:

@@ -1,5 +1,5 @@
 """ImageBind on `digit_modalities`: emergent zero-shot and cross-modal retrieval on the held-out test split
-(300 digits whose handwriting training never saw), for two runs on a 2-core CPU (Girdhar et al. 2023,
+(300 digits whose handwriting training never saw), for four runs on a 2-core CPU (Girdhar et al. 2023,
 Sec. 3-4 and Table 2's "emergent" zero-shot; Sec. 5.3's embedding arithmetic):
 
   joint      `configs/imagebind.py:digits`: every tower trained from scratch, each modality paired only
@@ -10,7 +10,9 @@ Sec. 3-4 and Table 2's "emergent" zero-shot; Sec. 5.3's embedding arithmetic):
              inflated into an ImageBind checkpoint (`inflate_clip`), and `digits,from_clip=<it>` binds
              audio / depth / thermal / IMU to its *frozen* image tower.
   from_clip_unfrozen  the same start, but the image tower trains too (the text tower stays frozen and
-             unpaired): the paper's ablation of freezing the image encoder.
+             unpaired).
+  from_clip_paired  `from_clip` on the paper's kind of data: one dataset per modality, each giving images
+             and that modality only (`,paired_datasets`: the other pairs' losses mask its rows out).
 
 Audio, depth, thermal and IMU are never paired with text, nor with each other: their zero-shot accuracy
 from text prompts ("the sound of the digit seven") and the audio<->depth / IMU<->audio retrieval are
@@ -37,7 +39,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RUNS = ("joint", "from_clip", "from_clip_unfrozen")
+RUNS = ("joint", "from_clip", "from_clip_unfrozen", "from_clip_paired")
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", "/tmp/imagebind_digits", "Root directory: one subdirectory per run.")
     flags.DEFINE_list("runs", list(RUNS), f"Which runs, of {RUNS}.")
@@ -116,12 +118,12 @@ def _clip_start(root: str, ib) -> tuple[str, dict]:
     return inflated, clip_result
 
 
-def run_from_clip(root: str, frozen_image: bool = True) -> dict:
+def run_from_clip(root: str, frozen_image: bool = True, paired: bool = False) -> dict:
     inflated, clip_result = _clip_start(root, _ib_config("digits"))
-    config = _ib_config(f"digits,from_clip={inflated}")
+    config = _ib_config(f"digits,from_clip={inflated}" + (",paired_datasets" if paired else ""))
     if not frozen_image:
         config.optim.groups = [{"pattern": r"^text/|^text_logit_scale$", "frozen": True}]
-    name = "from_clip" if frozen_image else "from_clip_unfrozen"
+    name = "from_clip" + ("" if frozen_image else "_unfrozen") + ("_paired" if paired else "")
     return {**train_and_evaluate(config, os.path.join(root, name)), "clip": clip_result}
 
 
@@ -129,7 +131,8 @@ def table(results: dict) -> str:
     """Markdown: one column per run."""
     names = [n for n in RUNS if n in results]
     head = {"joint": "joint, from scratch", "from_clip": "from CLIP, image+text frozen",
-            "from_clip_unfrozen": "from CLIP, image tower trained"}
+            "from_clip_unfrozen": "from CLIP, image tower trained",
+            "from_clip_paired": "from CLIP, frozen, one dataset per modality"}
     rows = [("zero-shot " + m, f"zeroshot_{m}_top1") for m in MODALITIES]
     rows += [("audio->depth R@1 (1 / 30 = 3.3 if only the class is found)", "audio2depth_r1"), ("audio->depth class P@1", "audio2depth_class_p1"),
              ("depth->audio class P@1", "depth2audio_class_p1"), ("imu->audio class P@1", "imu2audio_class_p1"),
@@ -191,7 +194,8 @@ def _main():
     results = {}
     for name in FLAGS.runs:
         run = {"joint": run_joint, "from_clip": run_from_clip,
-               "from_clip_unfrozen": lambda r: run_from_clip(r, frozen_image=False)}[name]
+               "from_clip_unfrozen": lambda r: run_from_clip(r, frozen_image=False),
+               "from_clip_paired": lambda r: run_from_clip(r, paired=True)}[name]
         results[name] = run(root)
         print(f"{name}: " + ", ".join(f"{m} {100 * results[name][f'zeroshot_{m}_top1']:.1f}%" for m in MODALITIES)
               + f" ({results[name]['train_wall_s'] / 60:.1f} min)", flush=True)

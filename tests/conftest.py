@@ -15,3 +15,6 @@ host_memory.configure_allocator()  # before JAX starts (see its docstring); no p
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One program at a time on the 8 simulated devices: their threads never interleave two programs'
+# collectives (see colearn_jax/cpu_devices.py).
+jax.config.update("jax_cpu_enable_async_dispatch", False)

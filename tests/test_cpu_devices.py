@@ -12,8 +12,8 @@ from colearn_jax import cpu_devices
 import jax  # importing is fine: XLA reads its flags when the backend starts
 cpu_devices.simulate(3)
 flags = os.environ["XLA_FLAGS"]
-assert "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in flags, flags
-assert "--xla_cpu_collective_timeout_seconds=3600" in flags, flags
+assert "--xla_cpu_collective_call_terminate_timeout_seconds=600" in flags, flags
+assert "--xla_cpu_collective_timeout_seconds=600" in flags, flags
 print(len(jax.devices()), jax.jit(lambda x: x + 1)(1))
 try:
     cpu_devices.simulate(5)

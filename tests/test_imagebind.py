@@ -132,3 +132,92 @@ def test_tiny_learns_on_digit_modalities():
     evaluator = system.make_evaluator(c, program.mesh, program.rules)
     metrics = evaluator(program.model, {"params": state.params})
     assert set(metrics) == set(system.describe_metrics(c)) and all(0 <= v <= 1 for v in metrics.values())
+
+
+def _unit(rng, b, d):
+    x = rng.randn(b, d).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_masked_loss_is_the_loss_of_the_present_rows_on_one_device_and_eight():
+    """clip_loss with a row mask (pairs absent from some datasets of a mixture) equals the plain loss of
+    the present rows alone, value and gradients (absent rows get zero gradient); all_gather and ring on
+    the 8-device mesh (the ring carries the mask with its travelling column blocks) equal it too."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from colearn_jax.losses.contrastive import clip_loss
+
+    rng = np.random.RandomState(0)
+    img, other = _unit(rng, 16, 8), _unit(rng, 16, 8)
+    mask = np.ones(16, bool)
+    mask[[1, 4, 5, 11, 12, 15]] = False
+    scale = jnp.float32(np.log(10.0))
+
+    def masked(i, o, **kw):
+        return clip_loss(i, o, scale, mask=jnp.asarray(mask), **kw)[0]
+
+    def present(i, o):
+        return clip_loss(i[mask], o[mask], scale)[0]
+
+    value, grads = jax.value_and_grad(masked, argnums=(0, 1))(img, other)
+    ref, ref_grads = jax.value_and_grad(present, argnums=(0, 1))(img, other)
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    for g, rg in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g)[mask], np.asarray(rg)[mask], rtol=1e-5, atol=1e-7)
+        assert np.all(np.asarray(g)[~mask] == 0)
+    assert abs(float(value) - float(clip_loss(img, other, scale)[0])) > 1e-3  # the mask changes the loss
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+    for gather in ("all_gather", "ring"):
+        kw = dict(gather=gather, mesh=mesh, batch_axes=("data",))
+        with jax.set_mesh(mesh):
+            (v8, acc8), g8 = jax.jit(jax.value_and_grad(
+                lambda i, o: (lambda r: (r[0], r[1]["i2t_acc"]))(clip_loss(i, o, scale, mask=put(mask), **kw)),
+                argnums=(0, 1), has_aux=True))(put(img), put(other))
+        np.testing.assert_allclose(v8, value, rtol=1e-6, err_msg=gather)
+        np.testing.assert_allclose(acc8, clip_loss(img[mask], other[mask], scale)[1]["i2t_acc"], err_msg=gather)
+        for g, rg in zip(g8, grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(rg), rtol=1e-5, atol=1e-7, err_msg=gather)
+
+
+def test_mixture_of_datasets_that_each_give_some_modalities():
+    """The paper's setting: each dataset pairs images with only some modalities. Members list theirs in
+    `modalities`; their rows carry zeros and present_<m>=False for the rest, and the objective's loss for
+    a pair is the loss of the rows that have it. Config errors name the problem."""
+    from colearn_jax.losses.contrastive import clip_loss
+    from colearn_jax.models import DataContext, get_system
+    from colearn_jax.models.imagebind_system import make_objective
+
+    c = load_config("imagebind.py:tiny")
+    c.unlock()
+    c.model.modalities = ["vision", "audio", "depth"]
+    c.loss.pairs = ["audio", "depth"]
+    c.data.mixture = [{"name": "digit_modalities", "weight": 1.0, "modalities": ["vision", "audio"]},
+                      {"name": "digit_modalities", "weight": 1.0, "modalities": ["vision", "depth"]}]
+    system = get_system("imagebind")
+    system.validate_config(c)
+    batch = next(system.make_train_data(c, DataContext(seed=0)))
+    has_audio, has_depth = batch["present_audio"], batch["present_depth"]
+    assert has_audio.dtype == bool and np.all(has_audio != has_depth)  # each row from exactly one member
+    assert 0 < has_audio.sum() < len(has_audio)
+    assert not np.any(batch["audio"][~has_audio]) and np.any(batch["audio"][has_audio])
+    assert not np.any(batch["depth"][~has_depth]) and np.any(batch["depth"][has_depth])
+
+    rng = np.random.RandomState(1)
+    b, scale = len(has_audio), jnp.float32(np.log(5.0))
+    outputs = {f"{m}_embeds": jnp.asarray(_unit(rng, b, 16)) for m in c.model.modalities}
+    outputs.update({f"{m}_log_scale": scale for m in ("audio", "depth")})
+    _, metrics = make_objective(c)(outputs, batch, None, 0)
+    for m, rows in (("audio", has_audio), ("depth", has_depth)):
+        expected = clip_loss(outputs["vision_embeds"][rows], outputs[f"{m}_embeds"][rows], scale)[0]
+        np.testing.assert_allclose(metrics[f"{m}_loss"], expected, rtol=1e-6)
+
+    bad = c.copy_and_resolve_references()
+    bad.data.mixture = [{"name": "digit_modalities", "weight": 1.0, "modalities": ["vision", "audio"]}]
+    with pytest.raises(ValueError, match=r"no dataset of config.data gives"):
+        system.validate_config(bad)
+    bad = c.copy_and_resolve_references()
+    bad.data.mixture = [{"name": "digit_modalities", "weight": 1.0, "modalities": ["audio", "depth"]}]
+    with pytest.raises(ValueError, match=r"mixture\[0\].modalities.*must include 'vision'"):
+        system.validate_config(bad)

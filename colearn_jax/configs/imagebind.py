@@ -7,10 +7,12 @@ Presets (`--config=configs/imagebind.py:<preset>[,option...]`; Girdhar et al. 20
   huge      the released imagebind_huge sizes: vision 1280/32/16 (patch 2x14x14, 224 px), text 1024/24/16,
             audio 768/12/12 (128x204 mel, 16x16 stride 10, drop-path 0.1), depth 384/12/8, thermal
             768/12/12, IMU 512/6/8 (drop-path 0.7, head dropout 0.5), joint space 1024; layers scanned.
-Options:
+Options (applied in order):
   from_clip=<dir>   the paper's recipe: start vision + text (+ its logit scale) from an ImageBind checkpoint
                     written by `imagebind_system.inflate_clip` from a CLIP run, frozen by optim.groups,
                     and bind only audio / depth / thermal / IMU to the images.
+  paired_datasets   the paper's data: a mixture with one member per pair, each giving images and that one
+                    modality (`data.modalities`); the other pairs' losses mask its rows out.
 e.g.  python experiments/train.py --config=configs/imagebind.py:huge --config.sharding=fsdp --compile_only
 """
 import math
@@ -80,6 +82,10 @@ def _base():
     c.data.vocab_path = config_dict.placeholder(str)
     c.data.cache_decoded = True
     c.data.mixture = []
+    # Which of model.modalities this dataset gives ([] = all). A mixture member may list fewer, e.g.
+    # {"name": "digit_modalities", "weight": 1, "modalities": ["vision", "audio"]}: the rest are zero-filled
+    # and masked out of the loss (the paper's image+audio, image+depth, ... datasets).
+    c.data.modalities = []
     c.data.audio_seconds = 2.0  # samples per example read from the dataset (16 kHz)
     c.data.audio_clip_seconds = 2.0
     c.data.audio_clips = 1
@@ -158,7 +164,11 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
             c.train.init_from_map = "vision,text,text_logit_scale"
             c.optim.groups = [dict(g) for g in FROZEN_CLIP]
             c.loss.pairs = [p for p in c.loss.pairs if p != "text"]
+        elif key == "paired_datasets":
+            # The paper's data: one dataset per pair, each giving images + that modality only (here the
+            # same local dataset split into members), masked out of the other pairs' losses.
+            c.data.mixture = [{"name": c.data.name, "weight": 1.0, "modalities": ["vision", p]} for p in c.loss.pairs]
         else:
-            raise ValueError(f"Unknown ImageBind config option {extra!r} (known: from_clip=<dir>).")
+            raise ValueError(f"Unknown ImageBind config option {extra!r} (known: from_clip=<dir>, paired_datasets).")
     c.lock()
     return c

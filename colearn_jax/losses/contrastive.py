@@ -43,18 +43,23 @@ def _check_mode(gather: str, mesh: Mesh | None):
 
 
 # ----------------------------------------------------------------------------- per-block terms
-def _clip_block_terms(img_rows, txt_rows, img_cols, txt_cols, scale, offset):
-    """Summed CE of local rows against all columns, both directions, plus correct-count."""
+def _clip_block_terms(img_rows, txt_rows, img_cols, txt_cols, scale, offset, row_w=None, col_w=None):
+    """Summed CE of local rows against all columns, both directions, plus correct-count. With weights
+    (1 = present, 0 = absent), absent columns are no negatives and absent rows add nothing."""
     b = img_rows.shape[0]
     labels = offset + jnp.arange(b)
     hi = jax.lax.Precision.HIGHEST
 
     def one_direction(rows, cols):
         logits = scale * jnp.einsum("bd,nd->bn", rows, cols, precision=hi)
+        if col_w is not None:
+            logits = jnp.where(col_w[None, :] > 0, logits, -ring.LARGE_NUM)
         lse = jax.nn.logsumexp(logits, axis=-1)
         pos = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-        return jnp.sum(lse - pos), correct
+        hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        if row_w is None:
+            return jnp.sum(lse - pos), jnp.sum(hit)
+        return jnp.sum(row_w * (lse - pos)), jnp.sum(row_w * hit)
 
     ce_i, acc_i = one_direction(img_rows, txt_cols)
     ce_t, acc_t = one_direction(txt_rows, img_cols)
@@ -120,6 +125,7 @@ def clip_loss(
     gather: str = "auto",
     mesh: Mesh | None = None,
     batch_axes: Sequence[str] = ("data", "fsdp"),
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CLIP's symmetric InfoNCE over the global batch. Embeddings must be L2-normalised.
 
@@ -128,6 +134,9 @@ def clip_loss(
       logit_scale: scalar log-temperature; logits are exp(logit_scale)·cosine.
       gather: "auto" | "all_gather" | "ring".
       mesh, batch_axes: the device mesh and its axes the batch is sharded over.
+      mask: optional [B] bool, False for rows whose pair is absent (ImageBind batches mixing datasets
+        that lack a modality): they are neither anchors nor negatives, and the loss and accuracies
+        are means over the present rows — the loss of the present rows alone (every gather mode).
     Returns:
       (loss, metrics) with metrics `i2t_acc`, `t2i_acc` (in-batch top-1) and `logit_scale` (= s).
     """
@@ -138,19 +147,25 @@ def clip_loss(
     scale = jnp.exp(logit_scale.astype(jnp.float32))
     img = image_embeds.astype(jnp.float32)
     txt = text_embeds.astype(jnp.float32)
+    w = None if mask is None else jnp.asarray(mask).astype(jnp.float32)
     if gather == "ring":
-        ce_i, ce_t, acc_i, acc_t = ring.clip_terms(img, txt, scale, mesh=mesh, batch_axes=batch_axes)
+        ce_i, ce_t, acc_i, acc_t = ring.clip_terms(img, txt, scale, mesh=mesh, batch_axes=batch_axes, weights=w)
     elif gather == "auto":
-        ce_i, ce_t, acc_i, acc_t = _clip_block_terms(img, txt, img, txt, scale, 0)
+        ce_i, ce_t, acc_i, acc_t = _clip_block_terms(img, txt, img, txt, scale, 0, w, w)
     else:
         axes = tuple(batch_axes)
 
-        def local(img_l, txt_l, scale, offset):
+        def local(img_l, txt_l, *rest):
+            w_l, scale, offset = rest if len(rest) == 3 else (None, *rest)
             img_all = jax.lax.all_gather(img_l, axes, tiled=True)
             txt_all = jax.lax.all_gather(txt_l, axes, tiled=True)
-            return _clip_block_terms(img_l, txt_l, img_all, txt_all, scale, offset)
+            w_all = None if w_l is None else jax.lax.all_gather(w_l, axes, tiled=True)
+            return _clip_block_terms(img_l, txt_l, img_all, txt_all, scale, offset, w_l, w_all)
 
-        ce_i, ce_t, acc_i, acc_t = _shard_mapped(local, mesh, batch_axes, 2, 1)(img, txt, scale)
+        args = (img, txt) if w is None else (img, txt, w)
+        ce_i, ce_t, acc_i, acc_t = _shard_mapped(local, mesh, batch_axes, len(args), 1)(*args, scale)
+    if w is not None:
+        n = jnp.maximum(jnp.sum(w), 1.0)
     loss = 0.5 * (ce_i + ce_t) / n
     metrics = {"i2t_acc": acc_i / n, "t2i_acc": acc_t / n, "logit_scale": scale}
     return loss, metrics

@@ -174,7 +174,13 @@ def _logits(rows, cols, scale, mask_self, c0, k):
     return raw, x
 
 
-def _softmax_fwd_local(embeds, scale, *, directions, axes, n, chunk):
+def _present(x, w_cols):
+    """Absent columns (weight 0) are no negatives: their logits drop to −LARGE_NUM."""
+    return jnp.where(w_cols[None, :] > 0, x, -LARGE_NUM)
+
+
+def _softmax_fwd_local(embeds, w, scale, *, directions, axes, n, chunk):
+    """`w`: this device's row weights (1 present, 0 absent); it travels with the column blocks."""
     b = embeds[0].shape[0]
     big_b = n * b
     r = lax.axis_index(axes)
@@ -193,6 +199,7 @@ def _softmax_fwd_local(embeds, scale, *, directions, axes, n, chunk):
         for (ri, segments), (m, l, best, bidx) in zip(directions, state):
             for si, (ci, mask_self) in enumerate(segments):
                 _, x = _logits(embeds[ri], blk[ci], scale, mask_self, c0, k)
+                x = _present(x, blk[-1])
                 bm = jnp.max(x, axis=-1)
                 bi = si * big_b + j * b + c0 + jnp.argmax(x, axis=-1).astype(jnp.int32)
                 m_new = jnp.maximum(m, bm)
@@ -204,18 +211,18 @@ def _softmax_fwd_local(embeds, scale, *, directions, axes, n, chunk):
             new.append((m, l, best, bidx))
         return tuple(new)
 
-    state = _ring_forward(embeds, tuple(init() for _ in directions), visit, axes=axes, n=n, chunk=chunk)
+    state = _ring_forward((*embeds, w), tuple(init() for _ in directions), visit, axes=axes, n=n, chunk=chunk)
     ces, corrects, lses = [], [], []
     for (ri, segments), (m, l, _, bidx) in zip(directions, state):
         lse = m + jnp.log(l)
         pos = scale * jnp.sum(embeds[ri] * embeds[segments[0][0]], axis=-1)
-        ces.append(lax.psum(jnp.sum(lse - pos), axes))
-        corrects.append(lax.psum(jnp.sum(bidx == row_gidx), axes))
+        ces.append(lax.psum(jnp.sum(w * (lse - pos)), axes))
+        corrects.append(lax.psum(jnp.sum((bidx == row_gidx) & (w > 0)), axes))
         lses.append(lse)
     return tuple(ces), tuple(corrects), tuple(lses)
 
 
-def _softmax_bwd_local(embeds, scale, lses, gs, *, directions, axes, n, chunk):
+def _softmax_bwd_local(embeds, w, scale, lses, gs, *, directions, axes, n, chunk):
     drows = tuple(_varying(jnp.zeros_like(e), axes) for e in embeds)
     ds = _varying(jnp.zeros((), jnp.float32), axes)
 
@@ -227,20 +234,22 @@ def _softmax_bwd_local(embeds, scale, lses, gs, *, directions, axes, n, chunk):
             rows = embeds[ri]
             for ci, mask_self in segments:
                 raw, x = _logits(rows, blk[ci], scale, mask_self, c0, k)
-                gp = g * jnp.exp(x - lse[:, None])          # g·softmax, [b, chunk]
+                x = _present(x, blk[-1])
+                gp = (g * w)[:, None] * jnp.exp(x - lse[:, None])  # g·w_row·softmax, [b, chunk]
                 drows[ri] = drows[ri] + scale * jnp.einsum("bc,cd->bd", gp, blk[ci], precision=_HI)
                 dblk[ci] = dblk[ci] + scale * jnp.einsum("bc,bd->cd", gp, rows, precision=_HI)
                 ds = ds + jnp.sum(gp * raw)
         return (tuple(drows), ds), tuple(dblk)
 
-    dcols, (drows, ds) = _ring_backward(embeds, (drows, ds), visit, axes=axes, n=n, chunk=chunk)
-    grads = [dr + dc for dr, dc in zip(drows, dcols)]
-    # Positive terms −s·⟨rows_i, cols_i⟩ (local rows of both arrays).
+    dcols, (drows, ds) = _ring_backward((*embeds, w), (drows, ds), visit, axes=axes, n=n, chunk=chunk)
+    grads = [dr + dc for dr, dc in zip(drows, dcols[: len(embeds)])]  # the weights take no gradient
+    # Positive terms −s·w_i·⟨rows_i, cols_i⟩ (local rows of both arrays).
     for (ri, segments), g in zip(directions, gs):
         ci = segments[0][0]
-        grads[ri] = grads[ri] - g * scale * embeds[ci]
-        grads[ci] = grads[ci] - g * scale * embeds[ri]
-        ds = ds - g * jnp.sum(embeds[ri] * embeds[ci])
+        gw = (g * w)[:, None]
+        grads[ri] = grads[ri] - gw * scale * embeds[ci]
+        grads[ci] = grads[ci] - gw * scale * embeds[ri]
+        ds = ds - g * jnp.sum(w * jnp.sum(embeds[ri] * embeds[ci], axis=-1))
     return tuple(grads), lax.psum(ds, axes)
 
 
@@ -253,44 +262,46 @@ def _softmax_ring_fn(mesh: Mesh, axes: tuple[str, ...], directions, block_size: 
     kw = dict(directions=directions, axes=axes, n=n, chunk=chunk)
 
     fwd_sm = jax.shard_map(
-        lambda e0, e1, s: _softmax_fwd_local((e0, e1), s, **kw),
-        mesh=mesh, in_specs=(rows, rows, rep), out_specs=((rep,) * nd, (rep,) * nd, (rows,) * nd))
+        lambda e0, e1, w, s: _softmax_fwd_local((e0, e1), w, s, **kw),
+        mesh=mesh, in_specs=(rows, rows, rows, rep), out_specs=((rep,) * nd, (rep,) * nd, (rows,) * nd))
 
-    def bwd_local(e0, e1, s, lses, gs):
-        (d0, d1), ds = _softmax_bwd_local((e0, e1), s, lses, gs, **kw)
+    def bwd_local(e0, e1, w, s, lses, gs):
+        (d0, d1), ds = _softmax_bwd_local((e0, e1), w, s, lses, gs, **kw)
         return d0, d1, ds
 
     bwd_sm = jax.shard_map(
-        bwd_local, mesh=mesh, in_specs=(rows, rows, rep, (rows,) * nd, (rep,) * nd),
+        bwd_local, mesh=mesh, in_specs=(rows, rows, rows, rep, (rows,) * nd, (rep,) * nd),
         out_specs=(rows, rows, rep))
 
     @jax.custom_vjp
-    def terms(e0, e1, scale):
-        ces, corrects, _ = fwd_sm(e0, e1, scale)
+    def terms(e0, e1, w, scale):
+        ces, corrects, _ = fwd_sm(e0, e1, w, scale)
         return ces, corrects
 
-    def terms_fwd(e0, e1, scale):
-        ces, corrects, lses = fwd_sm(e0, e1, scale)
-        return (ces, corrects), (e0, e1, scale, lses)
+    def terms_fwd(e0, e1, w, scale):
+        ces, corrects, lses = fwd_sm(e0, e1, w, scale)
+        return (ces, corrects), (e0, e1, w, scale, lses)
 
     def terms_bwd(res, cts):
-        e0, e1, scale, lses = res
+        e0, e1, w, scale, lses = res
         g_ces, _ = cts  # the correct counts are integers (float0 cotangents)
         gs = tuple(jnp.asarray(g, jnp.float32) for g in g_ces)
-        return bwd_sm(e0, e1, scale, lses, gs)
+        d0, d1, ds = bwd_sm(e0, e1, w, scale, lses, gs)
+        return d0, d1, jnp.zeros_like(w), ds  # row weights are data, not parameters
 
     terms.defvjp(terms_fwd, terms_bwd)
     return terms
 
 
-def _softmax_terms(a, b, scale, directions, mesh, batch_axes, block_size):
+def _softmax_terms(a, b, scale, directions, mesh, batch_axes, block_size, weights=None):
     axes = tuple(batch_axes)
     n = _num_batch_devices(mesh, axes)
     _check_batch(a, n, axes)
     if a.shape != b.shape:
         raise ValueError(f"ring losses need equal embedding shapes; got {a.shape} vs {b.shape}.")
     fn = _softmax_ring_fn(mesh, axes, directions, int(block_size), a.shape[0] // n)
-    ces, corrects = fn(a.astype(jnp.float32), b.astype(jnp.float32), jnp.asarray(scale, jnp.float32))
+    w = jnp.ones(a.shape[:1], jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    ces, corrects = fn(a.astype(jnp.float32), b.astype(jnp.float32), w, jnp.asarray(scale, jnp.float32))
     return (*ces, *corrects)
 
 
@@ -302,17 +313,20 @@ def clip_terms(
     mesh: Mesh,
     batch_axes: Sequence[str] = ("data", "fsdp"),
     block_size: int = DEFAULT_BLOCK_SIZE,
+    weights: jax.Array | None = None,
 ):
     """CLIP InfoNCE sums over the global batch, ring mode.
 
     Args:
       img, txt: [B, D] global (L2-normalised) embeddings sharded along the batch over `batch_axes`.
       scale: the logit multiplier s (= exp(logit_scale)), a scalar.
+      weights: optional [B] row weights, 1 present / 0 absent: absent rows are no negatives and add
+        nothing (they travel the ring with their column block).
     Returns:
       (ce_i_sum, ce_t_sum, correct_i, correct_t): Σ_i CE of image row i against all texts, Σ_i CE of
       text row i against all images, and the in-batch top-1 correct counts; global (psum'ed) values.
     """
-    return _softmax_terms(img, txt, scale, _CLIP_DIRECTIONS, mesh, batch_axes, block_size)
+    return _softmax_terms(img, txt, scale, _CLIP_DIRECTIONS, mesh, batch_axes, block_size, weights)
 
 
 def ntxent_terms(

@@ -66,7 +66,7 @@ def make_objective(config, mesh=None, rules=None):
         present = [m for m in pairs if f"{m}_embeds" in outputs]
         for m in present:
             loss, met = contrastive.clip_loss(outputs["vision_embeds"], outputs[f"{m}_embeds"],
-                                              outputs[f"{m}_log_scale"], **kw)
+                                              outputs[f"{m}_log_scale"], mask=batch.get(present_key(m)), **kw)
             total = total + loss
             metrics[f"{m}_loss"] = loss
             metrics[f"{m}_i2m_acc"] = met["i2t_acc"]
@@ -83,6 +83,28 @@ def constrain_params(params):
     return {**params, "text_logit_scale": jnp.clip(params["text_logit_scale"], 0.0, math.log(100.0))}
 
 
+# ----------------------------------------------------------------------------- partial pairs
+def provided_modalities(config, member: dict | None = None) -> list[str]:
+    """The modalities a dataset gives: `data.modalities` of the mixture member (or of config.data), or
+    all of `model.modalities` when that is empty."""
+    listed = (member or {}).get("modalities", config.data.get("modalities")) or []
+    return list(listed) or list(config.model.modalities)
+
+
+def partial_pairs(config) -> list[str]:
+    """Pair modalities that some dataset of the run lacks: their rows carry a `present_<m>` flag and the
+    loss masks the absent ones (Girdhar et al. 2023 bind through several datasets, each pairing images
+    with one modality)."""
+    from colearn_jax.data import mixture  # noqa: PLC0415
+
+    members = [o for o, _ in mixture.component_configs(config.data)]
+    return [m for m in config.loss.pairs if any(m not in provided_modalities(config, o) for o in members)]
+
+
+def present_key(modality: str) -> str:
+    return f"present_{modality}"
+
+
 # ----------------------------------------------------------------------------- batches
 def example_batch(config, batch_size: int) -> dict:
     """As the host pipeline yields it (before `make_batch_transform`)."""
@@ -94,8 +116,10 @@ def example_batch(config, batch_size: int) -> dict:
             "audio": ((int(d.audio_seconds * dm.SAMPLE_RATE),), jnp.int16),
             "depth": (side.get("depth", (s, s)) + (1,), jnp.float32),
             "thermal": (side.get("thermal", (s, s)) + (1,), jnp.uint8), "imu": ((dm.IMU_CHANNELS, d.imu_length), jnp.float16)}
-    return {BATCH_KEYS[m]: jax.ShapeDtypeStruct((batch_size,) + spec[BATCH_KEYS[m]][0], spec[BATCH_KEYS[m]][1])
-            for m in config.model.modalities}
+    out = {BATCH_KEYS[m]: jax.ShapeDtypeStruct((batch_size,) + spec[BATCH_KEYS[m]][0], spec[BATCH_KEYS[m]][1])
+           for m in config.model.modalities}
+    out.update({present_key(m): jax.ShapeDtypeStruct((batch_size,), jnp.bool_) for m in partial_pairs(config)})
+    return out
 
 
 def prepare(config):
@@ -132,10 +156,17 @@ def make_batch_transform(config):
 class _Transform:
     """Raw example -> {image uint8, text ids, audio int16, depth, thermal, imu, label}."""
 
-    def __init__(self, config, tokenizer):
+    def __init__(self, config, tokenizer, provided=None):
         d = config.data
         self.size, self.context_length = int(d.image_size), int(d.context_length)
         self.modalities = list(config.model.modalities)
+        provided = set(provided or self.modalities)
+        spec = example_batch(config, 1)
+        # Modalities this dataset lacks: zeros of the right shape, and present_<m> = False for the loss.
+        self.absent = {BATCH_KEYS[m]: np.zeros(spec[BATCH_KEYS[m]].shape[1:], spec[BATCH_KEYS[m]].dtype)
+                       for m in self.modalities if m not in provided}
+        self.flags = {present_key(m): np.bool_(m in provided) for m in partial_pairs(config)}
+        self.modalities = [m for m in self.modalities if m in provided]
         self.tokenizer = tokenizer
         self.text_key, self.label_key = d.text_key, d.get("label_key")
         self.audio_samples = int(d.audio_seconds * 16000)
@@ -161,6 +192,8 @@ class _Transform:
                 out["imu"] = np.pad(x, [(0, 0), (0, self.imu_length - x.shape[1])])
             else:
                 out[m] = np.asarray(ex[m])
+        out.update({k: v.copy() for k, v in self.absent.items()})
+        out.update(self.flags)
         if self.label_key and self.label_key in ex:
             out["label"] = np.int32(ex[self.label_key])
         return out
@@ -202,18 +235,21 @@ def make_train_data(config, ctx: DataContext):
     d = config.data
     per = pipeline._per_process(int(d.batch_size), ctx.process_index, ctx.process_count,  # pylint: disable=protected-access
                                 "config.data.batch_size")
-    transform = _Transform(config, _tokenizer(config))
+    tokenizer = _tokenizer(config)
     parts, weights = [], []
     for i, (overrides, weight) in enumerate(mixture.component_configs(d)):
         cfg = d.copy_and_resolve_references()
         cfg.unlock()
         cfg.update(overrides)
         source = _split_source(cfg, cfg.train_split)
-        missing = [BATCH_KEYS[m] for m in config.model.modalities if BATCH_KEYS[m] not in source[0]
+        provided = provided_modalities(config, overrides)
+        missing = [BATCH_KEYS[m] for m in provided if BATCH_KEYS[m] not in source[0]
                    and not (m == "text" and cfg.text_key in source[0])]
         if missing:
             raise ValueError(f"config.data{'.mixture[%d]' % i if d.get('mixture') else ''} ({cfg.name}) lacks "
-                             f"{missing}, which config.model.modalities needs.")
+                             f"{missing}, which config.model.modalities needs; list the modalities it does "
+                             "give in its `modalities` (the others are then masked out of the loss).")
+        transform = _Transform(config, tokenizer, provided)
         parts.append(grain.MapDataset.source(source).seed(ctx.seed + 1000 * (i + 1)).random_map(transform))
         weights.append(weight)
     ds = mixture.mix(parts, weights, seed=ctx.seed)
@@ -412,6 +448,19 @@ def validate_config(config) -> None:
         if p not in PAIRABLE or p not in mods:
             raise ValueError(f"config.loss.pairs has {p!r}: pairs must be modalities in config.model.modalities "
                              f"other than vision ({[x for x in mods if x != 'vision']}).")
+    from colearn_jax.data import mixture  # noqa: PLC0415
+
+    for i, (member, _) in enumerate([({}, 1.0)] + mixture.component_configs(d)):
+        given = provided_modalities(config, member)
+        where = "config.data.modalities" if i == 0 else f"config.data.mixture[{i - 1}].modalities"
+        if sorted(set(given) - set(mods)) or "vision" not in given:
+            raise ValueError(f"{where}={given}: must include 'vision' (every pair is bound through images) and "
+                             f"only modalities of config.model.modalities={mods}.")
+    members = [o for o, _ in mixture.component_configs(d)]
+    never = [p for p in config.loss.pairs if not any(p in provided_modalities(config, o) for o in members)]
+    if never:
+        raise ValueError(f"config.loss.pairs has {never}, which no dataset of config.data gives (see "
+                         "config.data.modalities and its mixture members' `modalities`).")
     positive_ints(config, ("model.embed_dim", "data.image_size", "data.context_length"))
     for mod in mods:
         t = m.towers[mod]
