@@ -13,6 +13,7 @@ times it on synthetic batches (random images / token ids of the config's shapes,
   python experiments/benchmark.py --config=configs/simclr.py:resnet50_imagenet --num_cpu_devices=8 \
       --compile_only --config.loss.gather=ring   # SimCLR ResNet-50, batch 4096 (RESULTS.md §8)
   python experiments/benchmark.py --config=configs/simclr.py:digit_scenes   # SimCLR's CPU demo step
+  python experiments/benchmark.py --config=configs/imagebind.py:digits   # six towers (RESULTS.md §10)
 
 Reports lower/compile time, the median step time over `--steps` steps after `--warmup` steps
 (each blocked with block_until_ready), examples/s (global and per device), model TFLOP/s and MFU,

@@ -1,6 +1,6 @@
 """ImageBind on `digit_modalities`: emergent zero-shot and cross-modal retrieval on the held-out test split
-(300 digits whose handwriting training never saw), for four runs on a 2-core CPU (Girdhar et al. 2023,
-Sec. 3-4 and Table 2's "emergent" zero-shot; Sec. 5.3's embedding arithmetic):
+(300 digits whose handwriting training never saw), for four runs on a 2-core CPU (Girdhar et al. 2023:
+binding through images, Sec. 3; emergent zero-shot classification and embedding arithmetic, Sec. 4-5):
 
   joint      `configs/imagebind.py:digits`: every tower trained from scratch, each modality paired only
              with images (text joins the image pairs, since there is no pretrained CLIP); the image tower
