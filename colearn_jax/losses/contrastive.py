@@ -44,21 +44,21 @@ def _check_mode(gather: str, mesh: Mesh | None):
 
 # ----------------------------------------------------------------------------- per-block terms
 def _clip_block_terms(img_rows, txt_rows, img_cols, txt_cols, scale, offset, row_w=None, col_w=None):
-    """Summed CE of local rows against all columns, both directions, plus correct-count. With weights
-    (1 = present, 0 = absent), absent columns are no negatives and absent rows add nothing."""
+    """Summed CE of local rows against all columns, both directions, plus correct-count. Row / column
+    weights are 1 (present) or 0 (absent; default all present): absent columns are no negatives, absent
+    rows add nothing."""
     b = img_rows.shape[0]
+    row_w = jnp.ones((b,), jnp.float32) if row_w is None else row_w
+    col_w = jnp.ones((img_cols.shape[0],), jnp.float32) if col_w is None else col_w
     labels = offset + jnp.arange(b)
     hi = jax.lax.Precision.HIGHEST
 
     def one_direction(rows, cols):
         logits = scale * jnp.einsum("bd,nd->bn", rows, cols, precision=hi)
-        if col_w is not None:
-            logits = jnp.where(col_w[None, :] > 0, logits, -ring.LARGE_NUM)
+        logits = jnp.where(col_w[None, :] > 0, logits, -ring.LARGE_NUM)
         lse = jax.nn.logsumexp(logits, axis=-1)
         pos = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
         hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-        if row_w is None:
-            return jnp.sum(lse - pos), jnp.sum(hit)
         return jnp.sum(row_w * (lse - pos)), jnp.sum(row_w * hit)
 
     ce_i, acc_i = one_direction(img_rows, txt_cols)
@@ -147,7 +147,7 @@ def clip_loss(
     scale = jnp.exp(logit_scale.astype(jnp.float32))
     img = image_embeds.astype(jnp.float32)
     txt = text_embeds.astype(jnp.float32)
-    w = None if mask is None else jnp.asarray(mask).astype(jnp.float32)
+    w = jnp.ones((n,), jnp.float32) if mask is None else jnp.asarray(mask).astype(jnp.float32)
     if gather == "ring":
         ce_i, ce_t, acc_i, acc_t = ring.clip_terms(img, txt, scale, mesh=mesh, batch_axes=batch_axes, weights=w)
     elif gather == "auto":
@@ -155,17 +155,12 @@ def clip_loss(
     else:
         axes = tuple(batch_axes)
 
-        def local(img_l, txt_l, *rest):
-            w_l, scale, offset = rest if len(rest) == 3 else (None, *rest)
-            img_all = jax.lax.all_gather(img_l, axes, tiled=True)
-            txt_all = jax.lax.all_gather(txt_l, axes, tiled=True)
-            w_all = None if w_l is None else jax.lax.all_gather(w_l, axes, tiled=True)
+        def local(img_l, txt_l, w_l, scale, offset):
+            img_all, txt_all, w_all = (jax.lax.all_gather(x, axes, tiled=True) for x in (img_l, txt_l, w_l))
             return _clip_block_terms(img_l, txt_l, img_all, txt_all, scale, offset, w_l, w_all)
 
-        args = (img, txt) if w is None else (img, txt, w)
-        ce_i, ce_t, acc_i, acc_t = _shard_mapped(local, mesh, batch_axes, len(args), 1)(*args, scale)
-    if w is not None:
-        n = jnp.maximum(jnp.sum(w), 1.0)
+        ce_i, ce_t, acc_i, acc_t = _shard_mapped(local, mesh, batch_axes, 3, 1)(img, txt, w, scale)
+    n = jnp.maximum(jnp.sum(w), 1.0)  # present rows (all B without a mask)
     loss = 0.5 * (ce_i + ce_t) / n
     metrics = {"i2t_acc": acc_i / n, "t2i_acc": acc_t / n, "logit_scale": scale}
     return loss, metrics

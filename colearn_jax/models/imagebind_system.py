@@ -450,13 +450,13 @@ def validate_config(config) -> None:
                              f"other than vision ({[x for x in mods if x != 'vision']}).")
     from colearn_jax.data import mixture  # noqa: PLC0415
 
-    for i, (member, _) in enumerate([({}, 1.0)] + mixture.component_configs(d)):
+    members = [o for o, _ in mixture.component_configs(d)]
+    for i, member in enumerate([{}] + members):
         given = provided_modalities(config, member)
         where = "config.data.modalities" if i == 0 else f"config.data.mixture[{i - 1}].modalities"
         if sorted(set(given) - set(mods)) or "vision" not in given:
             raise ValueError(f"{where}={given}: must include 'vision' (every pair is bound through images) and "
                              f"only modalities of config.model.modalities={mods}.")
-    members = [o for o, _ in mixture.component_configs(d)]
     never = [p for p in config.loss.pairs if not any(p in provided_modalities(config, o) for o in members)]
     if never:
         raise ValueError(f"config.loss.pairs has {never}, which no dataset of config.data gives (see "
