@@ -117,6 +117,21 @@ def test_captions_and_questions_cover_every_type(built):
     assert relations
 
 
+def test_word_vocabulary_covers_every_caption_question_and_answer(built):
+    """The built-in "digit_scenes" word list (`tokenizer="words"`) has every word the generator
+    writes: no <unk> over all splits of both configs, and captions round-trip exactly."""
+    from colearn_jax.data.tokenizers import get_tokenizer
+
+    _, _, sources = built
+    tok = get_tokenizer("words", "digit_scenes")
+    texts = [t.decode() for src in sources.values() for ex in _all(src)
+             for t in [*ex["captions"], *ex["questions"], *ex["answers"]] if t]
+    assert len(texts) > 1000
+    unknown = [t for t in texts if tok.unk_id in tok.encode(t)]
+    assert not unknown, unknown[:3]
+    assert all(tok.decode(tok.encode(t)) == t for t in texts)
+
+
 def test_seed_determinism(tmp_path, built, sklearn_digits):
     tiny = dict(num_train=6, num_validation=3, num_test=3, num_test_heldout=3)
     a, b, c = (str(tmp_path / k) for k in "abc")

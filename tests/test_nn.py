@@ -99,6 +99,24 @@ def test_every_parameter_has_logical_axes_and_vit_shapes():
         vit.apply(nn.unbox(vit.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))), jnp.ones((2, 20, 20, 3)))
 
 
+def test_vit_conv_stem_layout_and_gradients():
+    """stem="conv" (Xiao et al. 2021): log2(patch) stride-2 3x3 convs (channels doubling up to width/2)
+    and a 1x1 to the width give the patch stem's token grid; every stem layer gets gradient."""
+    vit = VisionTransformer(image_size=32, patch_size=8, width=64, num_layers=1, num_heads=2, pool="none", stem="conv")
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    params = nn.unbox(vit.init(jax.random.PRNGKey(0), images))["params"]
+    assert "patch_embed" not in params
+    shapes = [params[f"stem_conv{i}"]["kernel"].shape for i in range(3)] + [params["stem_proj"]["kernel"].shape]
+    assert shapes == [(3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 32), (1, 1, 32, 64)]
+    chex.assert_shape(vit.apply({"params": params}, images)["tokens"], (2, 1 + 4 * 4, 64))
+    grads = jax.grad(lambda p: jnp.sum(vit.apply({"params": p}, images)["tokens"] ** 2))(params)
+    for name in ("stem_conv0", "stem_conv2", "stem_proj"):
+        assert float(jnp.abs(grads[name]["kernel"]).max()) > 0, name
+    with pytest.raises(ValueError, match="power of two"):
+        VisionTransformer(image_size=24, patch_size=6, width=64, num_layers=1, num_heads=2, stem="conv").init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3)))
+
+
 @pytest.mark.parametrize("in_dims,x_shape,k_shape", [
     (1, (3, 5, 8), (8, 24)),      # widening (MLP fc): x is transposed for the weight gradient
     (1, (3, 5, 24), (24, 8)),     # narrowing (MLP proj): dy is transposed

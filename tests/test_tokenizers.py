@@ -26,6 +26,35 @@ def test_byte_tokenizer_layout_and_round_trip():
     assert tok.decode(tok.encode("plain")) == "plain"
 
 
+# ---------------------------------------------------------------- word tokenizer
+
+def test_word_tokenizer_layout_round_trip_and_unknown_words(tmp_path):
+    tok = tokenizers.WordTokenizer(["two", "digits", "a", "red", "seven", ":", ",", "and", "?"])
+    assert (tok.pad_id, tok.unk_id) == (0, 1) and tok.eot_id == tok.vocab_size - 1 == tok.sot_id + 1
+    text = "two digits: a red seven, and a red two"
+    ids = tok(text, 16)[0]
+    words = tokenizers.split_words(text)
+    assert words[:3] == ["two", "digits", ":"] and len(words) == 11
+    assert ids[0] == tok.sot_id and ids[len(words) + 1] == tok.eot_id and not ids[len(words) + 2:].any()
+    assert tok.decode(ids) == text  # punctuation re-attached, specials and padding dropped
+    assert tok.encode("A Blue seven") == [tok.encode("a")[0], tok.unk_id, tok.encode("seven")[0]]
+    assert tok.decode(tok.encode("a blue seven")) == "a <unk> seven"
+    short = tok(text, 5)[0]  # truncation keeps EOT last
+    assert short[-1] == tok.eot_id and list(short[1:4]) == list(ids[1:4])
+    # from training texts (frequency order, min_count) and back through a file
+    built = tokenizers.WordTokenizer.from_texts(["a red seven", "a blue two", "a red two"], min_count=2)
+    assert built.words == ("a", "red", "two")
+    path = built.save(str(tmp_path / "vocab.txt"))
+    again = get_tokenizer("words", path)
+    assert again.words == built.words and np.array_equal(again("a red two", 8), built("a red two", 8))
+    with pytest.raises(ValueError, match="single lower-case words"):
+        tokenizers.WordTokenizer(["two digits"])
+    with pytest.raises(ValueError, match="vocab_path"):
+        get_tokenizer("words", None)
+    with pytest.raises(FileNotFoundError, match="built-in vocabulary"):
+        get_tokenizer("words", str(tmp_path / "missing.txt"))
+
+
 def test_byte_tokenizer_batch_padding_and_truncation():
     tok = ByteTokenizer()
     ids = tok(["a", "abc", "x" * 100], 8)

@@ -34,6 +34,16 @@ RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, 
 
 # ------------------------------------------------------------------ words
 
+# Every word and punctuation mark the captions, questions and answers below can contain (the
+# "digit_scenes" vocabulary of `tokenizers.WordTokenizer`; tests/test_digit_scenes.py checks it
+# covers generated scenes).
+CAPTION_VOCAB = tuple(dict.fromkeys(
+    CLASS_NAMES + PLURALS + COLOUR_NAMES + SIZE_NAMES + tuple("0123456789")
+    + ("digit", "digits", "a", "the", "and", "is", "are", "there", "in", "written", "to", "of", "left",
+       "right", "above", "below", "at", "top", "bottom", "on", "middle", "how", "many", "what", "colour",
+       "number", "or", "yes", "no", ":", ",", "?")))
+
+
 def _describe(layout: Layout, i: int, attrs=("size", "colour", "digit"), article="a") -> str:
     words = []
     if "size" in attrs:

@@ -34,7 +34,7 @@ def build_vision_tower(m, embed_dim: int):
         return VisionTransformer(
             image_size=v.image_size, patch_size=v.patch_size, width=v.width, num_layers=v.layers,
             num_heads=v.heads, mlp_ratio=v.get("mlp_ratio", 4.0), output_dim=embed_dim,
-            activation=m.activation, pool=v.get("pool", "cls"), scan=m.scan, remat_policy=m.remat_policy,
+            activation=m.activation, pool=v.get("pool", "cls"), stem=v.get("stem", "patch"), scan=m.scan, remat_policy=m.remat_policy,
             attention_impl=m.attention_impl, dropout=m.get("dropout", 0.0), **common,
         )
     if v.type == "resnet":
@@ -193,8 +193,10 @@ def validate_config(config) -> None:
     from colearn_jax.data.tokenizers import ByteTokenizer, ClipBpeTokenizer  # noqa: PLC0415
 
     vocab = {"byte": ByteTokenizer.vocab_size, "clip_bpe": ClipBpeTokenizer.vocab_size}.get(d.tokenizer)
+    if d.tokenizer == "words":
+        vocab = tokenizer(config).vocab_size  # a word list: its size is known once it is read
     if vocab is None:
-        raise ValueError(f"config.data.tokenizer={d.tokenizer!r}; choose 'byte' or 'clip_bpe'.")
+        raise ValueError(f"config.data.tokenizer={d.tokenizer!r}; choose 'byte', 'words' or 'clip_bpe'.")
     if vocab > m.text.vocab_size:
         raise ValueError(
             f"config.model.text.vocab_size={m.text.vocab_size} is smaller than the {d.tokenizer!r} "
