@@ -12,7 +12,8 @@ functions, so captioners of any architecture share it:
 Every cache leaf must be batch-major (`[rows, ...]`): beam search repeats rows for the beams and
 reorders them as beams are chosen. `nn/attention.py`'s key/value cache follows that convention;
 `uncached_fns` wraps a plain full-sequence forward into the same two functions (every step re-runs
-the whole prefix: the reference the cached path is tested against).
+the whole prefix: the reference the cached path is tested against; an optional `encode_fn` runs the
+conditioning encoder once, in prefill).
 
 Methods (`DecodeConfig.method`):
   greedy  argmax each step.
@@ -333,23 +334,28 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------- no cache
-def uncached_fns(forward_fn: Callable, total_length: int, pad_id: int = 0) -> tuple[Callable, Callable]:
-    """(prefill_fn, step_fn) from `forward_fn(params, inputs, ids [N, total_length]) -> logits [N, L, V]`,
+def uncached_fns(forward_fn: Callable, total_length: int, pad_id: int = 0,
+                 encode_fn: Callable | None = None) -> tuple[Callable, Callable]:
+    """(prefill_fn, step_fn) from `forward_fn(params, memory, ids [N, total_length]) -> logits [N, L, V]`,
     a causal full-sequence forward: each step re-runs it on the prefix padded to `total_length`
-    (= prompt length + max_new_tokens). The "cache" holds the ids so far and `inputs`."""
+    (= prompt length + max_new_tokens). `memory` is `encode_fn(params, inputs)`, computed once in
+    prefill (e.g. a captioner's image encoder: every step then re-runs only the text side, as
+    open_clip's CoCa `generate` does), or `inputs` itself without `encode_fn`. The "cache" holds the
+    ids so far and `memory` (batch-major, as every cache leaf)."""
 
     def prefill_fn(params, inputs, prompt):
         b, p = prompt.shape
+        memory = inputs if encode_fn is None else encode_fn(params, inputs)
         ids = jnp.full((b, total_length), pad_id, jnp.int32).at[:, :p].set(prompt)
-        logits = forward_fn(params, inputs, ids)[:, p - 1]
-        return logits, {"ids": ids, "length": jnp.full((b,), p, jnp.int32), "inputs": inputs}
+        logits = forward_fn(params, memory, ids)[:, p - 1]
+        return logits, {"ids": ids, "length": jnp.full((b,), p, jnp.int32), "memory": memory}
 
     def step_fn(params, cache, tokens):
         rows = jnp.arange(tokens.shape[0])
         pos = cache["length"]
         ids = cache["ids"].at[rows, pos].set(tokens)
-        logits = forward_fn(params, cache["inputs"], ids)[rows, pos]
-        return logits, {"ids": ids, "length": pos + 1, "inputs": cache["inputs"]}
+        logits = forward_fn(params, cache["memory"], ids)[rows, pos]
+        return logits, {"ids": ids, "length": pos + 1, "memory": cache["memory"]}
 
     return prefill_fn, step_fn
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -51,36 +50,8 @@ FLAGS = flags.FLAGS
 
 MODALITIES = ("image", "audio", "depth", "thermal", "imu")
 
-
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (or resumes) `config` in `workdir`, runs the system's evaluator on the final parameters and
-    writes `workdir/result.json`; a finished run's result.json is returned as it is."""
-    from colearn_jax.train import loop  # noqa: PLC0415
-    from colearn_jax.train.program import TrainProgram  # noqa: PLC0415
-
-    done = os.path.join(workdir, "result.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
-    t0 = time.time()
-    state = loop.train(config, workdir)
-    wall = time.time() - t0
-    _exit_if_stopped(workdir)
-    program = TrainProgram.build(config)
-    evaluator = program.system.make_evaluator(config, program.mesh, program.rules)
-    metrics = evaluator(program.model, state.variables())
-    result = {"train_wall_s": wall, "steps": int(config.train.num_steps), **{k: float(v) for k, v in metrics.items()}}
-    with open(done, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
-
-
-def _exit_if_stopped(workdir: str):
-    """A SIGTERM / Ctrl-C makes `loop.train` save and return early: end the script there, not the run only."""
-    from colearn_jax.train.stop import stop_requested  # noqa: PLC0415
-
-    if stop_requested():
-        raise SystemExit(f"Stopped by a signal; {workdir} keeps its checkpoint: run the same command to resume.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_utils import train_and_evaluate  # noqa: E402
 
 
 def _ib_config(arg: str):

@@ -1,11 +1,12 @@
 """Caption metrics: BLEU-1..4, ROUGE-L and CIDEr-D equal pycocoevalcap's scorers (the test
 dependency; skipped only where it cannot be imported), decoding of generated ids, metric specs and
-the digit_scenes digit-naming accuracy."""
+the classes-named criterion (every digit of a digit_scenes image named, order free)."""
 from collections import Counter
 
 import numpy as np
 import pytest
 
+from colearn_jax.data.scene_annotate import CLASS_NAMES
 from colearn_jax.data.scene_annotate import captions as scene_captions
 from colearn_jax.data.scene_render import COLOUR_NAMES, Layout
 from colearn_jax.data.tokenizers import ByteTokenizer, get_tokenizer
@@ -14,6 +15,7 @@ from colearn_jax.evals import captioning as C
 
 TOL = 1e-6
 VOCAB = "a the man dog red blue sits on grass two seven of and is".split()
+DIGITS = list(CLASS_NAMES)
 
 
 def _coco():
@@ -196,10 +198,11 @@ def test_decode_generated_and_evaluate(name):
     assert C.decode_generated(ids[:, 1:], tok) == decoded
     no_eot = np.asarray([tok.sot_id] + tok.encode("a dog"))
     assert C.tokenize(C.decode_generated(no_eot, tok)[0]) == "a dog"
-    refs = [[texts[0], "a red seven"], [texts[1]], ["a dog"]]
-    out = C.evaluate_generated(ids, refs, tok, digit_lists=[[7], [2, 9], [1]])
-    assert out == C.caption_metrics(decoded, refs, [[7], [2, 9], [1]])
-    assert out["digits_named"] == pytest.approx(2 / 3)
+    refs = [[texts[0], "a red seven"], [texts[1]], ["a cat and a one"]]
+    out = C.evaluate_generated(ids, refs, tok, class_names=DIGITS)
+    assert out == C.caption_metrics(decoded, refs, DIGITS)
+    assert out["digits_correct"] == pytest.approx(2 / 3)  # "x" misses its reference's "one"
+    assert "digits_correct" not in C.evaluate_generated(ids, refs, tok)
     assert out["rouge_l"] == pytest.approx((1 + 1 + 0) / 3)
     with pytest.raises(ValueError, match=r"\[N, L\]"):
         C.decode_generated(np.zeros((2, 3, 4), np.int32), tok)
@@ -212,10 +215,11 @@ def test_byte_tokenizer_decode_drops_special_ids():
 
 def test_metric_specs():
     specs = C.caption_metric_specs(digits=True)
-    out = C.caption_metrics(["a dog"], [["a dog"]], digit_lists=[[]])
-    assert set(specs) == set(out) == set(C.METRIC_NAMES) | {"digits_named"}
+    out = C.caption_metrics(["a dog"], [["a dog"]], class_names=DIGITS)
+    assert set(specs) == set(out) == set(C.METRIC_NAMES) | {"digits_correct"}
     assert all(s.name == k and s.higher_is_better for k, s in specs.items())
-    assert all(specs[k].is_fraction for k in (*C.BLEU_NAMES, "rouge_l", "digits_named"))
+    assert all(specs[k].is_fraction for k in (*C.BLEU_NAMES, "rouge_l", "digits_correct"))
+    assert "multiset" in specs["digits_correct"].description
     assert not specs["cider_d"].is_fraction and specs["cider_d"].unit == "CIDEr-D"
     assert specs["bleu4"].format(0.25) == "25.00%"
     assert set(C.caption_metric_specs()) == set(C.METRIC_NAMES)
@@ -228,32 +232,59 @@ def test_metric_specs():
         DescribedEvaluator(lambda m, v: out, C.caption_metric_specs())(None, None)
 
 
-def test_digit_words():
-    assert C.digit_words("two digits: a small red seven and a large blue two") == [7, 2]
-    assert C.digit_words("one red digit and two blue digits") == []
-    assert C.digit_words("three digits: a red 7, the seven is red and a small digit 3 in cyan") == [7, 7, 3]
-    assert C.digit_words("one large green digit") == []
-    assert C.digit_words("a seven written in red") == [7]
-    assert C.digit_words("seventeen 17 sevens") == []
+def test_named_classes():
+    assert C.named_classes("two digits: a small red seven and a large blue two", DIGITS) == ["seven", "two"]
+    assert C.named_classes(b"One digit: a large blue FOUR.", DIGITS) == ["four"]  # bytes, case, punctuation
+    assert C.named_classes("three digits: a one, a one and a nine", DIGITS) == ["one", "one", "nine"]
+    assert C.named_classes("seventeen 17 sevens twos", DIGITS) == []  # whole words only
+    assert C.named_classes("a seven written in red", DIGITS) == ["seven"]
+    assert C.named_classes("no colon: two", DIGITS) == ["two"]
+    assert C.named_classes("", DIGITS) == []
+    # Generic: any class names, multi-word ones matched as word sequences, longest first.
+    names = ["dog", "hot dog", "traffic light"]
+    assert C.named_classes("a hot dog near a dog under a traffic light", names) == ["hot dog", "dog", "traffic light"]
+    with pytest.raises(ValueError, match="no words"):
+        C.named_classes("a dog", ["dog", "!!"])
 
 
-def test_digits_named_fraction():
-    captions = ["two digits: a small red seven and a large blue two",  # right (order free)
-                "two digits: a small red seven and a large blue seven",  # wrong multiset
-                "one digit: a large blue 4",                               # numeral, right
-                "a red seven",                                             # misses a digit
-                b"three digits: a one, a one and a nine"]                  # repeated digit, bytes
-    digits = [[2, 7, -1], [7, 2, -1], np.array([4, -1, -1]), [7, 7, -1], [1, 9, 1]]
-    assert C.digits_named_fraction(captions, digits) == pytest.approx(3 / 5)
-    with pytest.raises(ValueError, match="digit lists"):
-        C.digits_named_fraction(captions, digits[:2])
+def test_classes_named_correctly():
+    ref = "two digits: a small red seven and a large blue two"
+    cases = [
+        ("two digits: a small red seven and a large blue two", True),    # the reference itself
+        ("two digits: a large blue two and a small red seven", True),    # order swapped: still right
+        ("a seven and a two", True),                                      # no prefix, other wording
+        ("two digits: a small red seven and a large blue seven", False),  # a wrong digit
+        ("one digit: a small red seven", False),                          # a missing digit
+        ("three digits: a seven, a two and a one", False),                # an extra digit
+        ("two digits: a small red seven", False),   # the count "two" is not the missing two
+        ("two digits:", False),                     # a count prefix alone names nothing
+        ("a red 7 and a blue 2", False),            # numerals are not class names
+        ("", False),
+    ]
+    captions = [c for c, _ in cases]
+    got = C.classes_named_correctly(captions, [ref] * len(cases), DIGITS)
+    assert got.dtype == bool and got.tolist() == [ok for _, ok in cases]
+    # A repeated digit counts as often as it is named; bytes on either side.
+    assert C.classes_named_correctly([b"a one, a one and a nine"], [b"three digits: a nine, a one and a one"],
+                                     DIGITS).tolist() == [True]
+    assert C.classes_named_correctly(["a one and a nine"], ["three digits: a one, a one and a nine"],
+                                     DIGITS).tolist() == [False]
+    # References as class indices (negative = padding), e.g. a scene's digits.
+    got = C.classes_named_correctly(["two digits: a seven and a two", "a seven and a seven", "one digit: a four"],
+                                    [[2, 7, -1], np.array([7, 2, -1]), np.array([4, -1, -1])], DIGITS)
+    assert got.tolist() == [True, False, True]
+    # The caption_metrics entry is this function's mean (against the first non-empty reference).
+    out = C.caption_metrics([cases[1][0], cases[3][0]], [["", ref, "a seven"], [ref]], DIGITS)
+    assert out["digits_correct"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="references"):
+        C.classes_named_correctly(captions, [ref], DIGITS)
 
 
-def test_digits_named_on_digit_scenes_captions():
-    """digit_scenes' first caption names every digit; no caption names a digit the scene lacks
-    (counts such as "two digits:" or "one red digit" are not digits)."""
+def test_classes_named_on_digit_scenes_captions():
+    """digit_scenes' first caption (the eval reference) names every digit of the scene, so it is
+    correct against the scene's digits and against itself, and wrong against other digits."""
     rng = np.random.default_rng(0)
-    firsts, truths, all_subset = [], [], True
+    firsts, truths = [], []
     for _ in range(200):
         n = int(rng.integers(1, 4))
         xs = np.sort(rng.choice(np.arange(0, 40, 2), size=n, replace=False))
@@ -262,12 +293,11 @@ def test_digits_named_on_digit_scenes_captions():
         layout = Layout(digits=rng.integers(0, 10, n), colours=rng.integers(0, len(COLOUR_NAMES), n),
                         sizes=rng.integers(0, 2, n), sources=np.zeros(n, int), boxes=boxes,
                         paint_order=np.arange(n))
-        caps = scene_captions(rng, layout, 64, 5)
-        firsts.append(caps[0])
+        firsts.append(scene_captions(rng, layout, 64, 5)[0])
         truths.append(layout.digits)
-        truth = Counter(layout.digits.tolist())
-        all_subset &= all(not (Counter(C.digit_words(c)) - truth) for c in caps)
-    assert all_subset
-    assert C.digits_named_fraction(firsts, truths) == 1.0
+    assert C.classes_named_correctly(firsts, truths, DIGITS).all()
+    assert C.classes_named_correctly(firsts, firsts, DIGITS).all()
     shifted = [(d + 1) % 10 for d in truths]
-    assert C.digits_named_fraction(firsts, shifted) == 0.0
+    assert not C.classes_named_correctly(firsts, shifted, DIGITS).any()
+    dropped = [d[:-1] for d in truths]
+    assert not C.classes_named_correctly(firsts, dropped, DIGITS).any()

@@ -131,3 +131,60 @@ def test_tiny_training_run_with_evaluator(tmp_path):
     assert all(0.0 <= evals[-1][k] <= 1.0 for k in names)
     train = [x for x in lines if "train/caption_loss" in x]
     assert train and np.isfinite(train[-1]["train/caption_loss"]) and np.isfinite(train[-1]["train/loss"]), train
+
+
+def _scripted_decode_fns(model, max_length):
+    """Engine functions that emit the ids held in `inputs` [B, T] (a stand-in model: the evaluator's
+    metrics on known captions)."""
+    vocab = 259
+
+    def prefill(variables, ids, prompt):
+        ids = ids.astype(jnp.int32)
+        return 10.0 * jax.nn.one_hot(ids[:, 0], vocab), {"ids": ids, "t": jnp.zeros((), jnp.int32)}
+
+    def step(variables, cache, tokens):
+        t = cache["t"] + 1
+        logits = 10.0 * jax.nn.one_hot(jnp.take(cache["ids"], t, axis=1, mode="clip"), vocab)
+        return logits, {"ids": cache["ids"], "t": t}
+
+    return prefill, step
+
+
+def test_caption_evaluator_digits_correct_is_order_free_multiset():
+    """`caption_digits_correct` is `captioning.classes_named_correctly` against the reference: order
+    swapped counts, a wrong, missing or extra digit does not, and the "two digits:" prefix is no digit."""
+    from colearn_jax import sharding
+    from colearn_jax.data import ByteTokenizer
+    from colearn_jax.evals import caption_eval, captioning
+
+    config = load_config("coca.py:tiny")
+    config.unlock()
+    config.eval.update(caption_max_new_tokens=23, caption_max_batches=0)
+    pairs = [  # (reference, generated, names the digits correctly)
+        ("two digits: seven two", "two digits: two seven", True),  # order swapped
+        ("one digit: a four", "one digit: a four", True),
+        ("two digits: one nine", "two digits: one one", False),  # a wrong digit
+        ("two digits: six six", "one digit: a six", False),  # a missing one
+        ("one digit: a three", "two digits: three", True),  # the count prefix is not a "two"
+        ("one digit: an eight", "one digit: eight zero", False),  # an extra one
+    ]
+    tok = ByteTokenizer()
+    rows = 8  # two padding rows
+    gen = np.full((rows, 24), tok.eot_id, np.float32)
+    for i, (_, g, _) in enumerate(pairs):
+        gen[i, :len(g)] = tok.encode(g)
+    refs = [r for r, _, _ in pairs] + ["", ""]
+    batch = {"image": gen, "text": tok(refs, 24), "mask": np.arange(rows) < len(pairs)}
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "model": 1}, jax.devices()[:2])
+    evaluate = caption_eval.make_caption_evaluator(config, mesh, sharding.get_rules("dp"), lambda: iter([batch]),
+                                                   _scripted_decode_fns, tok)
+    metrics = evaluate(None, {})
+    assert set(metrics) == set(caption_eval.metric_specs(config))
+    assert metrics["caption_exact"] == pytest.approx(1 / 6)
+    expected = np.mean([ok for _, _, ok in pairs])
+    assert metrics["caption_digits_correct"] == pytest.approx(expected) == pytest.approx(0.5)
+    assert captioning.classes_named_correctly([g for _, g, _ in pairs], [r for r, _, _ in pairs],
+                                              config.eval.class_names).tolist() == [ok for _, _, ok in pairs]
+    assert "multiset" in caption_eval.metric_specs(config)["caption_digits_correct"].description
+    config.eval.class_names = []
+    assert "caption_digits_correct" not in caption_eval.metric_specs(config)

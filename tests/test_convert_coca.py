@@ -5,9 +5,9 @@ and greedy and beam-search captions (colearn_jax.decoding with the KV cache) equ
 `generate` token for token.
 
 open_clip 3.3's `generate` needs transformers < 5 (`BeamSearchScorer`): the reference runs in a
-subprocess with such a transformers first on its path — the environment's own if it is < 5, else the
-directory `$COLEARN_TRANSFORMERS4_PATH`, else ~/.cache/colearn_jax/transformers4, which the test fills
-once with `pip install --target DIR transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.36.0`.
+subprocess with such a transformers first on its path (`colearn_jax.open_clip_env`: the environment's
+own if it is < 5, else `$COLEARN_TRANSFORMERS4_PATH`, else ~/.cache/colearn_jax/transformers4, filled
+once with `pip install --target DIR transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.36.0`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
-from colearn_jax import decoding  # noqa: E402
+from colearn_jax import decoding, open_clip_env  # noqa: E402
 from colearn_jax.models.coca import decode_fns  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,28 +45,11 @@ SPEC = {
 }
 
 
-TRANSFORMERS4 = ("transformers==4.55.4", "tokenizers==0.21.4", "huggingface-hub==0.36.0")
-
-
-def _transformers4_path() -> str | None:
-    """None when this environment's transformers is < 5, else a directory holding a 4.x:
-    `$COLEARN_TRANSFORMERS4_PATH`, or one this test fills once with `pip install --target` (the same
-    package index the test extra was installed from; the main environment keeps its transformers)."""
-    import importlib.metadata as md
-
+def _reference_env() -> dict:
     try:
-        if int(md.version("transformers").split(".")[0]) < 5:
-            return None
-    except md.PackageNotFoundError:
-        pass
-    path = os.environ.get("COLEARN_TRANSFORMERS4_PATH") or os.path.expanduser("~/.cache/colearn_jax/transformers4")
-    if not os.path.isdir(os.path.join(path, "transformers")):
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--target", path, *TRANSFORMERS4]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if done.returncode or not os.path.isdir(os.path.join(path, "transformers")):
-            pytest.fail(f"open_clip's CoCa.generate needs transformers < 5; `{' '.join(cmd)}` failed:\n"
-                        f"{done.stderr[-2000:]}")
-    return path
+        return open_clip_env.subprocess_env()
+    except RuntimeError as e:  # pip could not install transformers 4.x
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +57,7 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("coca_reference")
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(SPEC))
-    env = dict(os.environ)
-    extra = _transformers4_path()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
-    env.pop("XLA_FLAGS", None)
+    env = _reference_env()
     subprocess.run([sys.executable, os.path.join(ROOT, "tests", "coca_reference.py"), str(spec_path), str(out)],
                    check=True, env=env, cwd=str(out), timeout=600)
     with open(out / "model_config.json", "w") as f:

@@ -1,11 +1,13 @@
 """notebooks/colab.ipynb runs end to end on CPU against a checkpoint written in the test.
 
-The checkpoints are the `configs/clip.py:tiny`, `configs/simclr.py:tiny` and `configs/imagebind.py:tiny` models with freshly initialised
-weights, written through `colearn_jax.convert.writing.save_checkpoint` (the path converted checkpoints take)
-- the notebook only needs something `colearn_jax.load` accepts, not a good model. The Colab-only install cell is guarded
-by `IN_COLAB` and is skipped here as well.
+The checkpoints are the `configs/clip.py:tiny`, `configs/simclr.py:tiny`, `configs/imagebind.py:tiny` and
+`configs/coca.py:tiny` models with freshly initialised weights, written through
+`colearn_jax.convert.writing.save_checkpoint` (the path converted checkpoints take) - the notebook only needs
+something `colearn_jax.load` accepts, not a good model (the CoCa section's captions are junk bytes, which its
+figure and printout must survive). The Colab-only install cell is guarded by `IN_COLAB` and is skipped here as well.
 """
 import os
+import re
 
 import flax.linen as nn
 import ipykernel  # noqa: F401  (the test extra installs the notebook runner and its kernel)
@@ -56,6 +58,11 @@ def imagebind_checkpoint(tmp_path_factory):
     return _fresh_checkpoint("imagebind.py:tiny", tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def coca_checkpoint(tmp_path_factory):
+    return _fresh_checkpoint("coca.py:tiny", tmp_path_factory)
+
+
 def test_install_cell_is_guarded():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     install = [c for c in nb.cells if "install" in _tags(c)]
@@ -63,12 +70,14 @@ def test_install_cell_is_guarded():
     assert "if IN_COLAB:" in install[0].source and "%pip install" in install[0].source
 
 
-def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, imagebind_checkpoint, tmp_path, monkeypatch):
+def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, imagebind_checkpoint, coca_checkpoint, tmp_path,
+                                  monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells = [c for c in nb.cells if "install" not in _tags(c)]
     monkeypatch.setenv("COLEARN_JAX_CKPT", checkpoint)
     monkeypatch.setenv("COLEARN_JAX_SIMCLR_CKPT", simclr_checkpoint)
     monkeypatch.setenv("COLEARN_JAX_IMAGEBIND_CKPT", imagebind_checkpoint)
+    monkeypatch.setenv("COLEARN_JAX_COCA_CKPT", coca_checkpoint)
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = nbclient.NotebookClient(
@@ -79,7 +88,7 @@ def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, imagebind_check
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     by_tag = {t: c for c in nb.cells for t in _tags(c)}
-    for tag in ("heatmap", "zeroshot", "retrieval", "simclr_neighbours", "imagebind_zeroshot"):
+    for tag in ("heatmap", "zeroshot", "retrieval", "simclr_neighbours", "imagebind_zeroshot", "coca_captions"):
         pngs = [o for o in by_tag[tag].outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
         assert pngs, f"the {tag!r} cell produced no figure"
     text = lambda c: "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream")  # noqa: E731
@@ -90,3 +99,9 @@ def test_notebook_runs_end_to_end(checkpoint, simclr_checkpoint, imagebind_check
     assert "on the diagonal" in text(by_tag["heatmap"])
     assert "simclr" in text(by_tag["simclr_load"]) and "digit_scenes/single" in text(by_tag["simclr_load"])
     assert "20-NN top-1 on 200 test scenes" in text(by_tag["simclr_neighbours"])
+    assert "coca" in text(by_tag["coca_load"]) and "digits_captions" in text(by_tag["coca_load"])
+    captions = text(by_tag["coca_captions"])  # the tiny eval batch: 40 test digits, greedy captions
+    assert re.search(r"captions naming every digit correctly on 40 held-out images: \d+%", captions), captions
+    assert captions.count("  generated ") == 4 and "  reference " in captions
+    assert re.search(r"zero-shot accuracy through the contrastive path on 40 digits_captions test images: \d+%",
+                     text(by_tag["coca_zeroshot"]))

@@ -43,7 +43,7 @@ def _base() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False
     c.model.legacy_cls_mask = False  # True for released open_clip CoCa weights
     c.model.vision = ml_collections.ConfigDict(
-        dict(image_size=64, patch_size=8, width=96, layers=4, heads=4, mlp_ratio=4.0))
+        dict(image_size=64, patch_size=8, width=96, layers=4, heads=4, mlp_ratio=4.0, stem="patch"))
     # context_length: text positions before the appended CLS token
     c.model.text = ml_collections.ConfigDict(
         dict(vocab_size=259, context_length=96, width=64, layers=2, heads=4, mlp_ratio=4.0))
@@ -115,7 +115,7 @@ def _scenes(c):
 def _coco(c, *, embed, vision, text, decoder_heads, pooler_heads):
     c.model.update(embed_dim=embed, scan=True, pooler="open_clip", num_queries=256, pooler_heads=pooler_heads,
                    legacy_cls_mask=False)
-    c.model.vision = ml_collections.ConfigDict(vision)
+    c.model.vision.update(vision)
     c.model.text = ml_collections.ConfigDict(text)
     c.model.decoder = ml_collections.ConfigDict(dict(layers=12, heads=decoder_heads, mlp_ratio=4.0))
     c.data.update(name="coco_captions", train_split="train", eval_split="val", text_key="captions/text",

@@ -1,18 +1,19 @@
 """Captioning evaluation of a generator: decode the eval split (colearn_jax.decoding.generate) and
 score the captions against the references.
 
-Metrics here: `caption_exact` (the caption equals the reference) and, when `config.eval.class_names`
-is set, `caption_digits_correct` — the caption names the same classes in the same order as the
-reference (on digit scenes: every digit named correctly; a count prefix such as "two digits:" is
-skipped), and the corpus metrics of `colearn_jax.evals.captioning` against the reference caption:
-`caption_bleu1..4`, `caption_rouge_l`, `caption_cider_d` (coco-caption's conventions).
+Metrics here: `caption_exact` (the caption equals the reference) and the metrics of
+`colearn_jax.evals.captioning.caption_metrics` against the reference caption: `caption_bleu1..4`,
+`caption_rouge_l`, `caption_cider_d` (coco-caption's conventions) and, when `config.eval.class_names`
+is set, `caption_digits_correct` - the caption names the same multiset of classes as the reference,
+in any order (on digit scenes: every digit in the image named correctly; a count prefix such as
+"two digits:" is skipped), `captioning.classes_named_correctly`.
 
 `decode_fns(model, max_length)` -> (prefill_fn, step_fn) and `config.eval.caption_*` choose how to
 decode; the batch is placed sharded over the mesh's data axes, so decoding runs data-parallel.
 """
 from __future__ import annotations
 
-import re
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -21,31 +22,19 @@ import numpy as np
 from colearn_jax import decoding, sharding
 from colearn_jax.evals import MetricSpec, captioning
 
-_WORD = re.compile(r"[a-z]+")
-
 
 def metric_specs(config) -> dict[str, MetricSpec]:
     if not config.eval.get("captions", False):
         return {}
     specs = {"caption_exact": MetricSpec("caption_exact", description="generated caption == reference caption")}
-    if config.eval.get("class_names"):
-        specs["caption_digits_correct"] = MetricSpec(
-            "caption_digits_correct", description="caption names the reference's classes, in order")
-    return {**specs, **captioning.caption_metric_specs(prefix="caption_")}
+    digits = bool(config.eval.get("class_names"))
+    return {**specs, **captioning.caption_metric_specs(digits=digits, prefix="caption_")}
 
 
-def named_classes(text: str, class_names) -> list[str]:
-    """The class names a caption mentions, in order (after a "...:" count prefix, if any)."""
-    text = text.lower()
-    if ":" in text:
-        text = text.split(":", 1)[1]
-    names = set(class_names)
-    return [w for w in _WORD.findall(text) if w in names]
-
-
-def corpus_metrics(references: list[str], hypotheses: list[str]) -> dict[str, float]:
-    """BLEU-1..4 / ROUGE-L / CIDEr-D of each hypothesis against its one reference, as `caption_*`."""
-    scores = captioning.caption_metrics(hypotheses, [[r] for r in references])
+def corpus_metrics(references: list[str], hypotheses: list[str], class_names=None) -> dict[str, float]:
+    """BLEU-1..4 / ROUGE-L / CIDEr-D of each hypothesis against its one reference and, with
+    `class_names`, `digits_correct` (`captioning.classes_named_correctly`), as `caption_*`."""
+    scores = captioning.caption_metrics(hypotheses, [[r] for r in references], class_names or None)
     return {f"caption_{k}": v for k, v in scores.items()}
 
 
@@ -56,6 +45,20 @@ def decode_config(config, tokenizer) -> decoding.DecodeConfig:
     if method == "beam":
         kw["num_beams"] = int(e.get("caption_num_beams", 3))
     return decoding.DecodeConfig(**kw)
+
+
+def caption_images(model, variables, images, config, tokenizer, decode_fns, method: str | None = None) -> list[str]:
+    """Captions of a batch of model-ready `images` with the config's decoding (`config.eval.caption_*`;
+    `method` overrides greedy / beam), on whatever devices hold `images`: the shared engine with the
+    model's (cached) `decode_fns`, cut at the first end-of-text."""
+    dcfg = decode_config(config, tokenizer)
+    if method is not None and method != dcfg.method:
+        kw = {"num_beams": int(config.eval.get("caption_num_beams", 3))} if method == "beam" else {}
+        dcfg = dataclasses.replace(dcfg, method=method, **kw)
+    prefill_fn, step_fn = decode_fns(model, 1 + dcfg.max_new_tokens)
+    prompt = np.full((len(images), 1), tokenizer.sot_id, np.int32)
+    out = decoding.generate(prefill_fn, step_fn, variables, images, prompt, dcfg)
+    return captioning.decode_generated(np.asarray(out.tokens), tokenizer)
 
 
 def make_caption_evaluator(config, mesh, rules, eval_data, decode_fns, tokenizer):
@@ -83,10 +86,7 @@ def make_caption_evaluator(config, mesh, rules, eval_data, decode_fns, tokenizer
                 hyps += captioning.decode_generated(tokens, tokenizer)
                 refs += captioning.decode_generated(texts, tokenizer)
         metrics = {"caption_exact": float(np.mean([h.strip() == r.strip() for h, r in zip(hyps, refs)]))}
-        if class_names:
-            metrics["caption_digits_correct"] = float(np.mean(
-                [named_classes(h, class_names) == named_classes(r, class_names) for h, r in zip(hyps, refs)]))
-        metrics.update(corpus_metrics(refs, hyps))
+        metrics.update(corpus_metrics(refs, hyps, class_names))
         return metrics
 
     return evaluate

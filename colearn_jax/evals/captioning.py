@@ -1,6 +1,7 @@
 """Caption metrics - BLEU-1..4, ROUGE-L, CIDEr-D - computed as the MS-COCO caption evaluation does,
 in plain Python/numpy (no java, no run-time dependency on `pycocoevalcap`), plus decoding of generated
-token ids, the evaluator's metric specs, and a digit-naming accuracy for `digit_scenes`.
+token ids, the evaluator's metric specs, and the fraction of captions naming the right classes (on
+`digit_scenes`: every digit in the image).
 
 Metrics
 -------
@@ -51,8 +52,16 @@ numbers; on the digit_scenes captions (lower-case words, ":" and ",") it gives P
 `caption_metrics(captions, references)` tokenises raw strings and returns every metric;
 `evaluate_generated(token_ids, references, tokenizer)` first decodes generated ids (cut at the first
 EOT after an optional leading SOT). `caption_metric_specs()` is the `{name: MetricSpec}` a system's
-`describe_metrics` returns. `digits_named_fraction(captions, digit_lists)` is the fraction of
-digit_scenes captions whose digit words are exactly the image's digits (see `digit_words`).
+`describe_metrics` returns.
+
+Classes named
+-------------
+`classes_named_correctly(captions, references, class_names)` is the one "names every digit in the
+image correctly" criterion (the CoCa evaluator's `caption_digits_correct`, `caption_metrics`'
+`digits_correct` and the notebook use it): a caption is correct when the class names it mentions
+(`named_classes`: words of `class_names`, after a "...:" count prefix such as "two digits:", which
+is not a digit) equal the reference's as a multiset - each class as many times as the reference
+names it, in any order, nothing missing and nothing extra.
 """
 from __future__ import annotations
 
@@ -63,19 +72,17 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
-from colearn_jax.data.scene_annotate import CLASS_NAMES
-from colearn_jax.data.scene_render import COLOUR_NAMES, SIZE_NAMES
 from colearn_jax.evals import MetricSpec
 
 __all__ = [
     "tokenize", "bleu", "rouge_l", "cider_d", "corpus_scores", "caption_metrics",
-    "decode_generated", "evaluate_generated", "caption_metric_specs", "digit_words",
-    "digits_named_fraction", "BLEU_NAMES", "METRIC_NAMES",
+    "decode_generated", "evaluate_generated", "caption_metric_specs", "named_classes",
+    "classes_named_correctly", "BLEU_NAMES", "METRIC_NAMES", "DIGITS_CORRECT",
 ]
 
 BLEU_NAMES = ("bleu1", "bleu2", "bleu3", "bleu4")
 METRIC_NAMES = BLEU_NAMES + ("rouge_l", "cider_d")
-DIGITS_NAMED = "digits_named"
+DIGITS_CORRECT = "digits_correct"  # with the "caption_" prefix: the evaluator's name
 
 _TINY = 1e-15   # coco-caption's BLEU: added to numerators (matches, candidate length)
 _SMALL = 1e-9   # ... and to denominators (guesses, reference length)
@@ -252,24 +259,26 @@ def _as_text(x) -> str:
 
 
 def caption_metrics(captions: Sequence[str], references: Sequence[Sequence[str]],
-                    digit_lists: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+                    class_names: Sequence[str] | None = None) -> dict[str, float]:
     """Metrics of raw `captions[i]` against raw `references[i]` (a list of strings; bytes and ""
     padding, as in TFDS string features, are accepted - empty references are dropped). Both sides
-    go through `tokenize`. With `digit_lists`, also `digits_named` (see `digits_named_fraction`)."""
+    go through `tokenize`. With `class_names`, also `digits_correct`: the fraction of captions naming
+    the classes of the image's first reference (`classes_named_correctly`)."""
     if len(captions) != len(references):
         raise ValueError(f"{len(captions)} captions but {len(references)} reference lists.")
-    refs, cands = {}, {}
+    refs, cands, firsts = {}, {}, []
     for i, (caption, image_refs) in enumerate(zip(captions, references)):
         if isinstance(image_refs, (str, bytes)):
             image_refs = [image_refs]
-        kept = [tokenize(r) for r in (_as_text(r) for r in image_refs) if r.strip()]
-        if not kept:
+        raw = [r for r in (_as_text(r) for r in image_refs) if r.strip()]
+        if not raw:
             raise ValueError(f"image {i} has no non-empty reference caption.")
-        refs[i] = kept
+        refs[i] = [tokenize(r) for r in raw]
         cands[i] = [tokenize(caption)]
+        firsts.append(raw[0])
     out = corpus_scores(refs, cands)
-    if digit_lists is not None:
-        out[DIGITS_NAMED] = digits_named_fraction(captions, digit_lists)
+    if class_names is not None:
+        out[DIGITS_CORRECT] = float(np.mean(classes_named_correctly(captions, firsts, class_names)))
     return out
 
 
@@ -291,10 +300,10 @@ def decode_generated(token_ids, tokenizer) -> list[str]:
 
 
 def evaluate_generated(token_ids, references: Sequence[Sequence[str]], tokenizer,
-                       digit_lists: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+                       class_names: Sequence[str] | None = None) -> dict[str, float]:
     """A captioning evaluator's core: decode generated ids `[N, L]` with `tokenizer` and score them
-    against `references[i]` (raw strings). Returns {bleu1..4, rouge_l, cider_d[, digits_named]}."""
-    return caption_metrics(decode_generated(token_ids, tokenizer), references, digit_lists)
+    against `references[i]` (raw strings). Returns {bleu1..4, rouge_l, cider_d[, digits_correct]}."""
+    return caption_metrics(decode_generated(token_ids, tokenizer), references, class_names)
 
 
 def caption_metric_specs(digits: bool = False, prefix: str = "") -> dict[str, MetricSpec]:
@@ -307,44 +316,63 @@ def caption_metric_specs(digits: bool = False, prefix: str = "") -> dict[str, Me
     specs.append(MetricSpec("cider_d", unit="CIDEr-D",
                             description="CIDEr-D (coco-caption scale, x100 in papers)"))
     if digits:
-        specs.append(MetricSpec(DIGITS_NAMED, description="captions naming exactly the image's digits"))
+        specs.append(MetricSpec(DIGITS_CORRECT, description="captions naming the reference's digits (classes) as a "
+                                "multiset, order free; a 'two digits:' count prefix is skipped"))
     return {prefix + s.name: MetricSpec(prefix + s.name, s.unit, s.higher_is_better, s.description)
             for s in specs}
 
 
-# ------------------------------------------------------------------ digit_scenes
+# ------------------------------------------------------------------ classes named
 
-_DIGIT_OF = {**{w: d for d, w in enumerate(CLASS_NAMES)}, **{str(d): d for d in range(10)}}
-_ATTRIBUTES = frozenset(COLOUR_NAMES) | frozenset(SIZE_NAMES)
-
-
-def digit_words(caption: str) -> list[int]:
-    """The digits a digit_scenes caption names, in order: number words ("seven") and single
-    numerals ("7"), except counts - a number followed (possibly after colour/size words) by
-    "digit"/"digits", as in "two digits: ..." or "one red digit and two blue digits"."""
-    words = tokenize(caption).split()
-    out = []
-    for i, word in enumerate(words):
-        if word not in _DIGIT_OF:
-            continue
-        j = i + 1
-        while j < len(words) and words[j] in _ATTRIBUTES:
-            j += 1
-        if j < len(words) and words[j] in ("digit", "digits"):
-            continue  # a count, not a digit
-        out.append(_DIGIT_OF[word])
+def _class_words(class_names: Sequence[str]) -> dict[tuple[str, ...], str]:
+    """{tokenised words of a class name: the name}; multi-word names match as word sequences."""
+    out = {}
+    for name in class_names:
+        words = tuple(tokenize(name).split())
+        if not words:
+            raise ValueError(f"class name {name!r} has no words.")
+        out.setdefault(words, str(name))
     return out
 
 
-def digits_named_fraction(captions: Sequence[str], digit_lists: Sequence[Sequence[int]]) -> float:
-    """Fraction of `captions` whose digit words (`digit_words`) are, as a multiset, exactly the
-    image's digits `digit_lists[i]` (negative entries are padding, as in `box_digits`)."""
-    if len(captions) != len(digit_lists):
-        raise ValueError(f"{len(captions)} captions but {len(digit_lists)} digit lists.")
-    if not captions:
-        raise ValueError("No captions to score.")
-    hits = 0
-    for caption, digits in zip(captions, digit_lists):
-        truth = Counter(int(d) for d in np.asarray(digits).reshape(-1) if int(d) >= 0)
-        hits += Counter(digit_words(_as_text(caption))) == truth
-    return hits / len(captions)
+def named_classes(caption: str | bytes, class_names: Sequence[str]) -> list[str]:
+    """The class names `caption` mentions, in order of mention, each time it mentions one: words
+    (`tokenize`) equal to a class name, longest names first, after a "...:" prefix if there is one
+    ("two digits: a red seven and a blue two" -> ["seven", "two"], not the count "two")."""
+    text = _as_text(caption)
+    if ":" in text:
+        text = text.split(":", 1)[1]
+    words = tokenize(text).split()
+    names = _class_words(class_names)
+    lengths = sorted({len(k) for k in names}, reverse=True)
+    out, i = [], 0
+    while i < len(words):
+        for n in lengths:
+            name = names.get(tuple(words[i:i + n]))
+            if name is not None:
+                out.append(name)
+                i += n
+                break
+        else:
+            i += 1
+    return out
+
+
+def classes_named_correctly(captions: Sequence[str | bytes], references: Sequence,
+                            class_names: Sequence[str]) -> np.ndarray:
+    """Bool per caption: does `captions[i]` name exactly the classes of `references[i]` - the same
+    multiset of `named_classes` (order free; a missing, extra or wrong class makes it False)?
+    `references[i]` is the reference caption (str/bytes), or the image's class indices into
+    `class_names` (ints; negative entries are padding, as in digit_scenes' `box_digits`). The mean
+    is the "names every digit in the image correctly" metric."""
+    if len(captions) != len(references):
+        raise ValueError(f"{len(captions)} captions but {len(references)} references.")
+    class_names = list(class_names)
+    out = np.zeros(len(captions), bool)
+    for i, (caption, ref) in enumerate(zip(captions, references)):
+        if isinstance(ref, (str, bytes)):
+            truth = Counter(named_classes(ref, class_names))
+        else:
+            truth = Counter(class_names[int(k)] for k in np.asarray(ref).reshape(-1) if int(k) >= 0)
+        out[i] = Counter(named_classes(caption, class_names)) == truth
+    return out

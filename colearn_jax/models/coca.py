@@ -188,14 +188,17 @@ def caption_step_fn(model: CoCa):
 
 
 def uncached_caption_fns(model: CoCa, max_length: int, pad_id: int = 0):
-    """The same decode without a cache: every step re-runs image encoder, text tower and decoder on
-    the padded prefix (the reference the cached decode is tested against)."""
+    """The same decode without a key/value cache: the image is encoded once (prefill), then every step
+    re-runs the text tower and the decoder on the padded prefix, as open_clip's CoCa `generate` does
+    (the reference the cached decode is tested against)."""
 
-    def forward(variables, images, ids):
-        memory = model.apply(variables, images, method=lambda m, x: m.image_features(x)[1])
+    def encode(variables, images):
+        return model.apply(variables, images, method=lambda m, x: m.image_features(x)[1])
+
+    def forward(variables, memory, ids):
         return model.apply(variables, memory, ids, method=CoCa.caption_logits)
 
-    return decoding.uncached_fns(forward, max_length, pad_id)
+    return decoding.uncached_fns(forward, max_length, pad_id, encode_fn=encode)
 
 
 @functools.lru_cache(maxsize=16)

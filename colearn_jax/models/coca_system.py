@@ -27,7 +27,8 @@ def build_model(config) -> CoCa:
     common = dict(activation=m.activation, scan=m.scan, remat_policy=m.remat_policy, attention_impl=m.attention_impl,
                   dropout=m.get("dropout", 0.0), dtype=dtype)
     vision = VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, num_layers=v.layers,
-                               num_heads=v.heads, mlp_ratio=v.get("mlp_ratio", 4.0), pool="none", **common)
+                               num_heads=v.heads, mlp_ratio=v.get("mlp_ratio", 4.0), pool="none",
+                               stem=v.get("stem", "patch"), **common)
     text = TextTransformer(vocab_size=t.vocab_size, context_length=t.context_length, width=t.width,
                            num_layers=t.layers, num_heads=t.heads, mlp_ratio=t.get("mlp_ratio", 4.0),
                            output_dim=m.embed_dim, cls_token=True, pad_id=PAD_ID, legacy_cls_mask=m.legacy_cls_mask,
@@ -100,8 +101,9 @@ def describe_metrics(config):
     return specs
 
 
-def _zeroshot_config(config):
-    """The config the CLIP evaluator reads for zero-shot: the labelled data named by eval.zeroshot_data."""
+def zeroshot_config(config):
+    """The config the CLIP evaluator (and the notebook) reads for zero-shot: the labelled data named by
+    eval.zeroshot_data (its eval.zeroshot_split), or the eval split itself when that is empty."""
     c = config.copy_and_resolve_references()
     c.unlock()
     if c.eval.get("zeroshot_data"):
@@ -116,7 +118,7 @@ def make_evaluator(config, mesh, rules):
     ctx = DataContext(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
     parts = []
     if config.eval.get("zeroshot") or config.eval.get("retrieval"):
-        zs = _zeroshot_config(config)
+        zs = zeroshot_config(config)
         parts.append(clip_eval.make_clip_evaluator(
             zs, mesh, rules, eval_data=lambda split=None: clip_system.make_eval_data(zs, ctx, split)))
     if config.eval.get("captions"):
