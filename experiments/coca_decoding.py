@@ -59,6 +59,8 @@ transformers versions, device, CPU count, load average).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import statistics
@@ -211,6 +213,14 @@ def build_colearn(size: str, batch_size: int, new_tokens: int, seed: int) -> dic
                                 min_new_tokens=new_tokens, eos_at_max_length=True)
     decoders = [ColearnDecoder(model, variables, images, prompt, cfg, cached) for cached in (True, False)]
     warm = {d.name: d.run() for d in decoders}  # warm-up (untimed)
+    # The fixed cost of a generate call (image encoder, prefill, first token): the same call with one new
+    # token. (time(N) - time(1)) / (N - 1) is then the marginal cost of one more decoding step.
+    one = dataclasses.replace(cfg, max_new_tokens=1, min_new_tokens=1)
+    for cached in (True, False):
+        d = ColearnDecoder(model, variables, images, prompt, one, cached)
+        d.name += "_first_token"
+        d.run()
+        decoders.append(d)
     params = sum(x.size for x in jax.tree.leaves(variables["params"]))
     return {"config": config, "ids": ids, "decoders": decoders, "warmup_outputs": warm, "params": int(params)}
 
@@ -383,15 +393,22 @@ def measure(size: str = "tiny", batch_size: int = 8, new_tokens: int = 30, repea
     results = {k: summarize(v, batch_size, new_tokens) for k, v in times.items()}
     for d in built["decoders"]:
         results[d.name].update(compile_s=round(d.compile_s, 3), params=built["params"])
+    checks = token_checks(built["warmup_outputs"], new_tokens)
     if oc is not None:
         results["open_clip"].update({k: oc.info[k] for k in (
             "params", "build_s", "all_params_finite", "output_shape", "rows_ended_early", "last_token_is_eos",
             "model_cfg_matches_config", "torch_threads")})
-    checks = token_checks(built["warmup_outputs"], new_tokens)
     if oc is not None:  # the same architecture on both sides
         checks["open_clip_params_equal"] = oc.info["params"] == built["params"]
+    for name in ("cached", "uncached"):  # the per-step cost once the fixed cost is paid
+        first = results.pop(f"{name}_first_token")
+        results[name]["first_token_median_s"] = first["median_s"]
+        results[name]["marginal_ms_per_step"] = round(
+            1000 * (results[name]["median_s"] - first["median_s"]) / max(1, new_tokens - 1), 3)
     cached = results["cached"]["median_s"]
     speedups = {f"{k}_over_cached": round(results[k]["median_s"] / cached, 3) for k in results if k != "cached"}
+    speedups["uncached_over_cached_per_step"] = round(
+        results["uncached"]["marginal_ms_per_step"] / max(results["cached"]["marginal_ms_per_step"], 1e-9), 3)
     d = jax.devices()[0]
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(d), "device_kind": d.device_kind,
            "device_count": jax.device_count(), "host_cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
@@ -430,6 +447,11 @@ def table(report: dict) -> str:
                 + (f", torch {e['torch']}, open_clip {e['open_clip']}, transformers {e['transformers']}"
                    if "torch" in e else "")
                 + f"; load avg {e['loadavg_1m_before']} -> {e['loadavg_1m_after']}")
+    s = report["speedup"]
+    rows.append(f"marginal cost of one more step (time(N) - time(1 token)) / (N - 1): cached "
+                f"{report['results']['cached']['marginal_ms_per_step']:.1f} ms, uncached "
+                f"{report['results']['uncached']['marginal_ms_per_step']:.1f} ms -> "
+                f"{s['uncached_over_cached_per_step']:.2f}x per token; end to end {s['uncached_over_cached']:.2f}x")
     c = report["checks"]
     rows.append(f"checks: cached tokens == uncached tokens: {c['cached_equals_uncached']} "
                 f"(agreement {c['token_agreement']:.3f}); every row {report['new_tokens']} tokens: "

@@ -24,7 +24,8 @@ def built(script):
 
 
 def test_cached_and_uncached_decode_the_same_30_tokens(script, built):
-    assert [d.name for d in built["decoders"]] == ["cached", "uncached"]
+    assert [d.name for d in built["decoders"]] == ["cached", "uncached", "cached_first_token",
+                                                   "uncached_first_token"]
     checks = script.token_checks(built["warmup_outputs"], 30)
     assert checks["cached_equals_uncached"], checks
     assert checks["all_rows_full_length"], checks

@@ -206,6 +206,16 @@ def test_normalize_on_device_ships_uint8_that_device_normalize_turns_into_the_ho
     np.testing.assert_array_equal(on_device.view(np.uint32), host["image"].view(np.uint32))
 
 
+def test_eval_batches_are_normalised_on_host_even_with_normalize_on_device(data_dir):
+    """Evaluators feed eval batches to the model directly (no train-step transform): with
+    `normalize_on_device` the *training* batches stay uint8, the eval batches must not."""
+    tok = ByteTokenizer()
+    host = next(pipeline.iterate_eval(_cfg(data_dir, eval_batch_size=16), tok))
+    flagged = next(pipeline.iterate_eval(_cfg(data_dir, eval_batch_size=16, normalize_on_device=True), tok))
+    assert flagged["image"].dtype == np.float32
+    np.testing.assert_array_equal(flagged["image"], host["image"])
+
+
 def test_decoded_source_matches_tfds_and_refuses_large_splits(data_dir):
     source = tfds.data_source("digits_captions", split="test", data_dir=data_dir)
     cached = pipeline.DecodedSource(source)

@@ -3,8 +3,8 @@
 Presets (`--config=configs/coca.py:<preset>`), each docstring's first line the command that runs it:
   tiny    seconds on a CPU, for tests (bundled digits captions, 16 px).
   scenes  the CPU demo on `digit_scenes/scenes` (64 px scenes of 1-3 digits, the caption naming every
-          digit): trains on a 2-core CPU in under 20 minutes; evaluates zero-shot digit
-          classification on `digit_scenes/single` and greedy captions on the scenes' test split.
+          digit; word tokens, conv stem): trains on a 2-core CPU in under 20 minutes; evaluates
+          zero-shot digit classification on `digit_scenes/single` and greedy captions on the test split.
   base    open_clip's coca_ViT-B-32 sizes on TFDS `coco_captions` (CLIP BPE tokenizer).
   large   open_clip's coca_ViT-L-14 sizes on TFDS `coco_captions`.
 
@@ -71,7 +71,6 @@ def _base() -> ml_collections.ConfigDict:
 
     c.optim.update(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
                    schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0)
-    # ~1 step/s at batch 64 on a shared 2-core CPU (64 px, byte captions): ~17 min with two evaluations
     c.train.update(num_steps=1000, log_every=50, eval_every=500, checkpoint_every=500,
                    best_metric="caption_digits_correct")
 
@@ -108,7 +107,18 @@ def _tiny(c):
 
 
 def _scenes(c):
-    """python experiments/train.py --config=configs/coca.py:scenes --workdir=/tmp/coca_scenes"""
+    """python experiments/train.py --config=configs/coca.py:scenes --workdir=/tmp/coca_scenes
+
+    One token per word (the built-in `digit_scenes` word list: 76 ids, captions of at most 17 tokens instead
+    of 60-90 bytes) and the ViT's convolutional stem (Xiao et al. 2021): a supervised control on `single`
+    (experiments/digit_readout_control.py) reads the digit at 80.8 % after 400 steps with it, 49.5 % with the
+    patch stem. 2500 steps of
+    batch 64: ~13 min of training on a 2-core CPU (~210 examples/s), plus the evaluations."""
+    c.model.vision.stem = "conv"
+    c.model.text.update(vocab_size=76, context_length=32)
+    c.data.update(tokenizer="words", vocab_path="digit_scenes", context_length=32)
+    c.eval.caption_max_new_tokens = 31
+    c.train.update(num_steps=2500, eval_every=500, checkpoint_every=500)
     return c
 
 

@@ -230,11 +230,14 @@ class _ExampleTransform:
 
 class _BatchFinish:
     """Batch-level step after `.batch`: CLIP-normalise the stacked uint8 images in one vectorised
-    pass (skipped with `normalize_on_device`, and for image-only pipelines, `tokenizer=None`, whose
+    pass (skipped with `normalize_on_device` in training batches, and for image-only pipelines, `tokenizer=None`, whose
     systems augment and normalise on device); eval batches get their padding rows zeroed."""
 
-    def __init__(self, cfg, tokenizer=True):
-        self.on_device = bool(_opt(cfg, "normalize_on_device")) or tokenizer is None
+    def __init__(self, cfg, tokenizer=True, evaluation: bool = False):
+        # Evaluators feed eval batches straight to the model (no train-step batch transform), so image+text
+        # eval batches are always normalised here, whatever `normalize_on_device` says for training.
+        on_device_in_training = bool(_opt(cfg, "normalize_on_device")) and not evaluation
+        self.on_device = on_device_in_training or tokenizer is None
 
     def __call__(self, batch: dict) -> dict:
         image = batch["image"]
@@ -370,5 +373,5 @@ def iterate_eval(data_cfg, tokenizer, *, split: str | None = None, process_index
         out["mask"] = np.bool_(i < n)
         return out
 
-    ds = grain.MapDataset.source(rows).map(load).batch(per).map(_BatchFinish(data_cfg, tokenizer))
+    ds = grain.MapDataset.source(rows).map(load).batch(per).map(_BatchFinish(data_cfg, tokenizer, evaluation=True))
     return iter(ds.to_iter_dataset(_read_options(data_cfg)))
