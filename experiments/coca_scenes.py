@@ -27,7 +27,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_utils import evaluate, train_and_evaluate  # noqa: E402
+from run_utils import evaluate, run_script, train_and_evaluate  # noqa: E402
 
 RUNS = {"coca": dict(lambda_con=1.0, lambda_cap=2.0), "captioning_only": dict(lambda_con=0.0, lambda_cap=2.0),
         "contrastive_only": dict(lambda_con=1.0, lambda_cap=0.0)}
@@ -65,6 +65,14 @@ def run(name: str, root: str) -> dict:
     config = run_config(name)
     heldout = lambda state: {f"heldout_{k}": v for k, v in evaluate(heldout_config(config), state.variables()).items()}  # noqa: E731
     return train_and_evaluate(config, os.path.join(root, name), extra_evals=heldout)
+
+
+def run_and_report(name: str, root: str) -> dict:
+    r = run(name, root)
+    print(f"{name}: digits named {100 * r['caption_digits_correct']:.1f}% (held-out pairs "
+          f"{100 * r['heldout_caption_digits_correct']:.1f}%), CIDEr-D {r['caption_cider_d']:.2f}, zero-shot "
+          f"{100 * r['zeroshot_top1']:.1f}% ({r['train_wall_s'] / 60:.1f} min)", flush=True)
+    return r
 
 
 ROWS = (("captions naming every digit, test (%)", "caption_digits_correct", 100),
@@ -130,22 +138,11 @@ def plot_examples(workdir: str, path: str, per_split: int = 6) -> str:
 
 def main(argv):
     del argv
-    from colearn_jax import host_memory  # noqa: PLC0415
-    from colearn_jax.train.stop import GracefulStop  # noqa: PLC0415
-
-    host_memory.configure_allocator()
     unknown = set(FLAGS.runs) - set(RUNS)
     if unknown:
         raise ValueError(f"--runs: unknown {sorted(unknown)}; choose from {list(RUNS)}.")
     root = os.path.abspath(FLAGS.workdir)
-    results = {}
-    with GracefulStop():  # held across the runs, so a signal ends the script after the current run saves
-        for name in FLAGS.runs:
-            results[name] = run(name, root)
-            r = results[name]
-            print(f"{name}: digits named {100 * r['caption_digits_correct']:.1f}% (held-out pairs "
-                  f"{100 * r['heldout_caption_digits_correct']:.1f}%), CIDEr-D {r['caption_cider_d']:.2f}, zero-shot "
-                  f"{100 * r['zeroshot_top1']:.1f}% ({r['train_wall_s'] / 60:.1f} min)", flush=True)
+    results = run_script(lambda: {name: run_and_report(name, root) for name in FLAGS.runs})
     print(table(results))
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -51,7 +51,7 @@ FLAGS = flags.FLAGS
 MODALITIES = ("image", "audio", "depth", "thermal", "imu")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_utils import train_and_evaluate  # noqa: E402
+from run_utils import run_script, train_and_evaluate  # noqa: E402
 
 
 def _ib_config(arg: str):
@@ -148,13 +148,7 @@ def plot(results: dict, path: str) -> str:
 
 def main(argv):
     del argv
-    from colearn_jax import host_memory  # noqa: PLC0415
-
-    host_memory.configure_allocator()
-    from colearn_jax.train.stop import GracefulStop  # noqa: PLC0415
-
-    with GracefulStop():  # held across the runs, so a signal ends the script after the current run saves
-        _main()
+    run_script(_main)
 
 
 def _main():

@@ -1,6 +1,6 @@
 """What the results scripts under experiments/ share: train a config (or resume it) and evaluate its final
 parameters with the system's own evaluator, once per work directory (`result.json` caches the figures), and
-end the whole script, not just the run, when a signal stopped training."""
+end the whole script, not just the run, when a signal stopped training (`run_script`)."""
 from __future__ import annotations
 
 import json
@@ -45,3 +45,14 @@ def train_and_evaluate(config, workdir: str, extra_evals=None) -> dict:
     with open(done, "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def run_script(body):
+    """Runs a results script's `body()` with the host allocator configured and one `GracefulStop` held across
+    all its runs, so a SIGTERM / Ctrl-C ends the script after the current run saves."""
+    from colearn_jax import host_memory  # noqa: PLC0415
+    from colearn_jax.train.stop import GracefulStop  # noqa: PLC0415
+
+    host_memory.configure_allocator()
+    with GracefulStop():
+        return body()

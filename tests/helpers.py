@@ -1,4 +1,4 @@
-"""Shared test helpers: load configs by file path, synthetic batches, single-device meshes."""
+"""Shared test helpers: load configs and experiment scripts by file path, synthetic batches, single-device meshes."""
 import importlib.util
 import os
 
@@ -16,6 +16,15 @@ def load_config(spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py as a module (its flags are defined only under __main__, so importing is free)."""
+    path = os.path.join(ROOT, "experiments", f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"experiments_{name.replace('/', '_')}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def synthetic_clip_batch(config, batch_size=None, seed=0):

@@ -1,21 +1,14 @@
 """experiments/coca_decoding.py (the CoCa decoding-speed benchmark) at `--size=tiny`: what it times is
 the same decode both ways (cached tokens == uncached tokens, every row the full 30 tokens, the last
 one EOS). No timings are asserted."""
-import importlib.util
-import os
-
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = os.path.join(ROOT, "experiments", "coca_decoding.py")
-    spec = importlib.util.spec_from_file_location("experiments_coca_decoding", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("coca_decoding")
 
 
 @pytest.fixture(scope="module")

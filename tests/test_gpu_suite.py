@@ -30,13 +30,9 @@ def _python(args, *, blocked="", timeout=300):
 
 
 def _load_gpu_table():
-    import importlib.util
+    from tests.helpers import load_experiment
 
-    path = os.path.join(ROOT, "experiments", "gpu_table.py")
-    spec = importlib.util.spec_from_file_location("experiments_gpu_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("gpu_table")
 
 
 # ----------------------------------------------------------------------------- imports the GPU image lacks

@@ -1,6 +1,5 @@
 """Performance tooling: peak table and MFU arithmetic, XLA FLOP accounting, the train-step benchmark,
 the contrastive-loss memory table, and the scaling sweep's point enumeration. No timing thresholds."""
-import importlib.util
 import math
 import os
 
@@ -11,14 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colearn_jax import perf
 from tests.helpers import ROOT, load_config
-
-
-def _load_experiment(name):
-    path = os.path.join(ROOT, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_experiment as _load_experiment
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +197,7 @@ def test_loss_memory_rejects_indivisible_batch(bench):
 
 # ----------------------------------------------------------------------------- scaling study
 def _sweep():
-    spec = importlib.util.spec_from_file_location("sweep_clip_cpu", os.path.join(ROOT, "experiments/sweeps/clip_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return _load_experiment("sweeps/clip_cpu").get_config()
 
 
 def test_scaling_points_from_sweep(scaling):
