@@ -17,7 +17,6 @@ A run whose `result.json` is in --workdir is reused; an interrupted one resumes.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import textwrap
@@ -27,7 +26,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_utils import evaluate, run_script, train_and_evaluate  # noqa: E402
+from run_utils import evaluate, prepare_output, run_script, train_and_evaluate, write_json  # noqa: E402
 
 RUNS = {"coca": dict(lambda_con=1.0, lambda_cap=2.0), "captioning_only": dict(lambda_con=0.0, lambda_cap=2.0),
         "contrastive_only": dict(lambda_con=1.0, lambda_cap=0.0)}
@@ -145,12 +144,9 @@ def main(argv):
     results = run_script(lambda: {name: run_and_report(name, root) for name in FLAGS.runs})
     print(table(results))
     if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print("wrote", FLAGS.out)
+        write_json(FLAGS.out, results)
     if FLAGS.plot and "coca" in results:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.plot)), exist_ok=True)
+        prepare_output(FLAGS.plot)
         print("wrote", plot_examples(os.path.join(root, "coca"), FLAGS.plot))
 
 

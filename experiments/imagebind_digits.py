@@ -29,7 +29,6 @@ interrupted one resumes. `--runs=joint` runs one of them.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -51,7 +50,7 @@ FLAGS = flags.FLAGS
 MODALITIES = ("image", "audio", "depth", "thermal", "imu")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_utils import run_script, train_and_evaluate  # noqa: E402
+from run_utils import prepare_output, run_script, train_and_evaluate, write_json  # noqa: E402
 
 
 def _ib_config(arg: str):
@@ -166,12 +165,9 @@ def _main():
               + f" ({results[name]['train_wall_s'] / 60:.1f} min)", flush=True)
     print(table(results))
     if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print("wrote", FLAGS.out)
+        write_json(FLAGS.out, results)
     if FLAGS.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.plot)), exist_ok=True)
+        prepare_output(FLAGS.plot)
         print("wrote", plot(results, FLAGS.plot))
 
 

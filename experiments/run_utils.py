@@ -47,6 +47,18 @@ def train_and_evaluate(config, workdir: str, extra_evals=None) -> dict:
     return result
 
 
+def prepare_output(path: str) -> str:
+    """`path` with its folder created (results JSON / PNG outputs)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
+def write_json(path: str, payload) -> None:
+    with open(prepare_output(path), "w") as f:
+        json.dump(payload, f, indent=1)
+    print("wrote", path)
+
+
 def run_script(body):
     """Runs a results script's `body()` with the host allocator configured and one `GracefulStop` held across
     all its runs, so a SIGTERM / Ctrl-C ends the script after the current run saves."""
