@@ -34,6 +34,39 @@ def make_attention_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> 
     return query_valid[:, None, :, None] & key_valid[:, None, None, :]
 
 
+def padded_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None, causal: bool = False,
+    implementation: str | None = "cudnn", multiple: int = 64,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the sequences padded to a multiple of `multiple`.
+
+    cuDNN's fused attention refuses some lengths in training (odd lengths such as ViT-B/16's 197
+    tokens or CLIP's 77-token context: "Unsupported sequence length Q 197, KV 197" on an H200). The
+    padded keys are excluded through `key_value_seq_lengths` (cuDNN's padding mask, no bias tensor)
+    and, where a boolean `mask` is given, by padding it with False; padded query rows may see every
+    real key (so no row is fully masked) and are cut off the output. Same result as the unpadded call.
+    """
+    t_q, t_k = q.shape[1], k.shape[1]
+    pad_q, pad_k = -t_q % multiple, -t_k % multiple
+    if pad_q == 0 and pad_k == 0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+
+    def pad(x, n):
+        return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (q.shape[0], mask.shape[1], t_q, t_k))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad_k)), constant_values=False)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, 0)), constant_values=True)
+    b = q.shape[0]
+    out = jax.nn.dot_product_attention(
+        pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), mask=mask, is_causal=causal,
+        query_seq_lengths=jnp.full((b,), t_q, jnp.int32), key_value_seq_lengths=jnp.full((b,), t_k, jnp.int32),
+        implementation=implementation,
+    )
+    return out[:, :t_q]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention.
 
@@ -118,9 +151,12 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             mask = jnp.broadcast_to(mask, (q.shape[0], self.num_heads, q.shape[1], k.shape[1]))
 
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=causal, implementation=self.implementation
-        )
+        if self.implementation == "cudnn":
+            out = padded_attention(q, k, v, mask=mask, causal=causal, implementation="cudnn")
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=causal, implementation=self.implementation
+            )
         return self._output(out, head_dim, out_features, out_std)
 
     def _output(self, out, head_dim, out_features, out_std):
