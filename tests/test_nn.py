@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from colearn_jax.nn import layers
-from colearn_jax.nn.attention import MultiHeadAttention, make_attention_mask
+from colearn_jax.nn.attention import MultiHeadAttention, make_attention_mask, padded_attention
 from colearn_jax.nn.text import TextTransformer
 from colearn_jax.nn.transformer import BlockConfig, TransformerStack
 from colearn_jax.nn.vit import VisionTransformer
@@ -50,6 +50,30 @@ def test_attention_matches_direct_computation(kind):
         xq2[:, 1:] += 1.0
         out2 = attn.apply(params, xq2, xq2, causal=True)
         np.testing.assert_allclose(out2[:, 0], out[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t_q,t_k,causal,masked", [(197, 197, False, False), (77, 77, True, False),
+                                                    (77, 77, True, True), (10, 13, False, True)])
+def test_padded_attention_equals_unpadded(t_q, t_k, causal, masked):
+    """The cuDNN path pads odd lengths (ViT-B/16's 197, the text's 77) to a multiple of 64; with the XLA
+    kernel here, the padding must change neither the output nor any gradient."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (2, t_q, 3, 8))
+    k, v = (jax.random.normal(key, (2, t_k, 3, 8)) for key in keys[1:3])
+    d_out = jax.random.normal(keys[3], (2, t_q, 3, 8))
+    mask = None
+    if masked:  # the first row's last three keys are padding
+        mask = jnp.asarray(np.arange(t_k)[None, :] < np.array([[t_k - 3], [t_k]]))[:, None, None, :]
+
+    def vjp(fn):
+        out, pull = jax.vjp(fn, q, k, v)
+        return (out, *pull(d_out))
+
+    ref = vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal))
+    got = vjp(lambda q, k, v: padded_attention(q, k, v, mask=mask, causal=causal, implementation="xla"))
+    assert got[0].shape == (2, t_q, 3, 8)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
 def _stack_layers(unrolled, n):
