@@ -152,7 +152,7 @@ def _generate_one_per_row(prefill_fn, step_fn, params, inputs, prompt, cfg: Deco
     if cfg.return_logits:
         state["all_logits"] = jnp.zeros((b, n, vocab), jnp.float32)
 
-    def body(s):
+    def choose(s):  # the token at position t from the logits in hand (no model call)
         t = s["t"]
         raw = s["logits"]
         logits = process_logits(raw, s["seen"], t, cfg)
@@ -177,14 +177,19 @@ def _generate_one_per_row(prefill_fn, step_fn, params, inputs, prompt, cfg: Deco
         out["seen"] = s["seen"].at[jnp.arange(b), tok].set(s["seen"][jnp.arange(b), tok] | live)
         if cfg.return_logits:
             out["all_logits"] = s["all_logits"].at[:, t].set(raw)
-        out["logits"], out["cache"] = _next(step_fn, params, s["cache"], tok, t, n, raw)
         out["rng"], out["t"] = rng, t + 1
+        return out, tok
+
+    def body(s):  # choose token t, then run the model on it for the logits of token t + 1
+        out, tok = choose(s)
+        out["logits"], out["cache"] = _as_f32(step_fn(params, s["cache"], tok))
         return out
 
-    def cond(s):
-        return (s["t"] < n) & ~jnp.all(s["done"])
-
-    s = jax.lax.while_loop(cond, body, state)
+    # The last token needs no model call (its logits would be read by nobody and overflow the cache), so
+    # the loop stops one short and the last choice runs outside it: no branch on the cache in the loop.
+    s = jax.lax.while_loop(lambda s: (s["t"] < n - 1) & ~jnp.all(s["done"]), body, state)
+    s.pop("cache")
+    s = jax.lax.cond((s["t"] < n) & ~jnp.all(s["done"]), lambda s: choose(s)[0], lambda s: dict(s), s)
     return DecodeOutput(s["tokens"], s["lengths"], s["scores"], s.get("all_logits"))
 
 
