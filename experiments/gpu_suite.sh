@@ -7,7 +7,11 @@
 # Device call (the GPU image lacks ml_collections and open_clip_torch; prepare their wheels once
 # here with `bash experiments/gpu_wheels.sh`, which fills the git-ignored .whl/):
 #
-#   run(command="bash experiments/gpu_suite.sh", carry=[".whl"], timeout_s=540)
+#   run(command="GPU_SUITE_COMMIT=<git rev-parse --short HEAD here> bash experiments/gpu_suite.sh",
+#       carry=[".whl"], timeout_s=540)
+#
+# (Name the commit: on 2026-11-28 the device's copy of .git reported the session's starting commit, not
+# the one committed since, so the table must be told.)
 #
 # What comes back in $OUT (4 files): gpu_table.md (the section to append to experiments/RESULTS.md),
 # gpu_results.json (every cell: metrics or the reason it has none), gpu_suite.log (this script's

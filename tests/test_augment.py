@@ -80,3 +80,24 @@ def test_pipeline_shapes_ranges_and_determinism(image):
     assert not np.allclose(views[0], views[1])  # other keys, other views
     only_crop = jax.vmap(lambda x, k: augment.simclr_augment(x, k, color=False, blur=False, flip=False))(batch, keys)
     assert not np.allclose(only_crop[0], image, atol=1e-3)
+
+
+def test_object_aware_crops_cover_the_box_or_lie_inside_it():
+    """Mishra et al. 2022's object-aware crops: a crop larger than the box contains it, a smaller one lies
+    inside it; both stay inside the image, and the crop's size is drawn as without a box."""
+    box = jnp.array([0.55, 0.1, 0.8, 0.3])  # x1, y1, x2, y2: near the top, right of centre
+    covered = inside = 0
+    for i in range(200):
+        key = jax.random.PRNGKey(i)
+        top, left, h, w = (float(v) for v in augment.crop_box(key, scale=(0.005, 0.2), box=box))
+        assert -1e-6 <= top and top + h <= 1 + 1e-6 and -1e-6 <= left and left + w <= 1 + 1e-6
+        plain = [float(v) for v in augment.crop_box(key, scale=(0.005, 0.2))]
+        np.testing.assert_allclose([h, w], plain[2:], rtol=1e-6)  # same size, other place
+        for start, size, lo, hi in ((top, h, 0.1, 0.3), (left, w, 0.55, 0.8)):
+            if size >= hi - lo:
+                assert start <= lo + 1e-6 and start + size >= hi - 1e-6
+                covered += 1
+            else:
+                assert start >= lo - 1e-6 and start + size <= hi + 1e-6
+                inside += 1
+    assert covered > 30 and inside > 30  # both cases were exercised

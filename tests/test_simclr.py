@@ -134,9 +134,13 @@ def test_learning_rate_helper_and_presets():
     ("model.encoder.depth", 42, "config.model.encoder.depth=42"),
     ("augment.crop_scale", (0.5, 0.2), "config.augment.crop_scale"),
     ("loss.gather", "tree", "config.loss.gather='tree'"),
+    ("model.encoder.kind", "convnext", "config.model.encoder.kind='convnext'"),
+    ("augment.object_box_key", "", "config.augment.object_box_key=''"),
 ])
 def test_config_errors_name_the_key(key, value, match):
     c = _config(**{key: value})
+    if key == "augment.object_box_key":
+        c.augment.object_crop = True
     if key == "model.encoder.depth":
         c.model.encoder.stage_sizes = []
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
@@ -170,3 +174,44 @@ def test_global_batchnorm_and_ntxent_sharded_equal_single_device(preset, mesh_cf
     assert np.median(moved) > 1e-4  # two real updates
     run = _two_steps(_sharded_config(preset, mesh_cfg, gather), make_batch=synthetic_images)
     _assert_equal_runs(run, reference)
+
+
+def test_object_aware_views_come_from_the_boxes_the_pipeline_carries():
+    """augment.object_crop: the train pipeline carries each image's boxes, and every view is a crop around
+    the first one. Scenes with one bright square each: a view that covers the square keeps its pixels."""
+    from colearn_jax.models.simclr_system import example_batch, make_train_data  # noqa: PLC0415
+    from colearn_jax.models import DataContext  # noqa: PLC0415
+
+    c = _config(**{"augment.object_crop": True, "augment.color": False, "augment.flip": False,
+                   "augment.crop_scale": (0.3, 0.5)})
+    assert example_batch(c, 2)["boxes"].shape == (2, 1, 4)
+    batch = next(iter(make_train_data(c, DataContext(seed=0))))
+    assert batch["boxes"].shape == (c.data.batch_size, 1, 4) and batch["boxes"].dtype == np.float32
+    assert (batch["boxes"][:, 0, 2] > batch["boxes"][:, 0, 0]).all()  # x2 > x1: real boxes
+
+    s = 32
+    images = np.zeros((4, s, s, 3), np.uint8)
+    images[:, 4:10, 20:26] = 255  # the object: rows 4-9, columns 20-25
+    boxes = np.tile(np.array([[[20 / s, 4 / s, 26 / s, 10 / s]]], np.float32), (4, 1, 1))
+    keys = step_keys(jax.random.PRNGKey(0), 0, ("augment",))
+    views = np.asarray(make_batch_transform(c)({"image": images, "boxes": boxes}, keys, 0)["image"])
+    assert views.shape == (8, s, s, 3)
+    assert (views.reshape(8, -1).max(axis=1) > 0.9).all()  # the object is in every view
+    unaware = np.asarray(make_batch_transform(_config(**{"augment.color": False, "augment.flip": False,
+                                                         "augment.crop_scale": (0.3, 0.5)}))(
+        {"image": images}, keys, 0)["image"])
+    assert (unaware.reshape(8, -1).max(axis=1) < 0.5).any()  # plain crops miss it sometimes
+
+
+def test_vit_encoder_option():
+    """model.encoder.kind="vit": a VisionTransformer (conv stem, mean-pooled) as SimCLR's encoder."""
+    c = _config(**{"model.encoder.kind": "vit"})
+    c.model.encoder.vit.update(patch_size=8, width=16, layers=1, heads=2)
+    model = get_system("simclr").build_model(c)
+    batch = {"image": jnp.asarray(synthetic_images(c, 4)["image"])}
+    variables = nn.unbox(model.init(jax.random.PRNGKey(0), batch))
+    out = model.apply(variables, batch, train=False)
+    assert out["features"].shape == (4, 16) and out["proj"].shape == (4, c.model.head.out_dim)
+    assert "vit" in variables["params"]["encoder"]
+    flat = jax.tree_util.tree_leaves_with_path(variables["params"]["encoder"])
+    assert any("stem_conv0" in jax.tree_util.keystr(p) for p, _ in flat)  # the conv stem

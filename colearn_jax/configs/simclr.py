@@ -55,13 +55,20 @@ def _base() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.encoder = ml_collections.ConfigDict(dict(
         depth=50, width_multiplier=1.0, cifar_stem=False, stage_sizes=[], block=config_dict.placeholder(str),
-        zero_init_residual=True))
+        zero_init_residual=True, kind="resnet",
+        # kind="vit": a VisionTransformer encoder (MoCo v3 style) at data.image_size
+        vit=ml_collections.ConfigDict(dict(patch_size=8, width=96, layers=4, heads=4, mlp_ratio=4.0, pool="gap",
+                                           stem="conv"))))
     c.model.head = ml_collections.ConfigDict(dict(num_layers=3, out_dim=128, hidden_dim=config_dict.placeholder(int)))
     c.model.ft_proj_selector = 0  # head stage fine-tuning builds on (0: h)
 
     c.loss = ml_collections.ConfigDict(dict(name="ntxent", temperature=0.1, gather="auto", normalization="reference"))
     c.augment = ml_collections.ConfigDict(dict(crop=True, color=True, strength=1.0, blur=True, flip=True,
-                                               crop_scale=(0.08, 1.0)))
+                                               crop_scale=(0.08, 1.0),
+                                               # object-aware crops (Mishra et al. 2022): each crop placed to
+                                               # contain the image's first box of `object_box_key` (x1, y1,
+                                               # x2, y2 fractions): declared weak localisation supervision
+                                               object_crop=False, object_box_key="boxes"))
 
     c.data.name = "digit_scenes/single"
     c.data.data_dir = config_dict.placeholder(str)

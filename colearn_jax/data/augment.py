@@ -7,7 +7,8 @@ parameters follow the reference implementation (google-research/simclr, data_uti
 
 * random resized crop: area fraction U(0.08, 1), aspect ratio log-uniform in (3/4, 4/3); candidates
   that do not fit are rejected (a fixed number of tries, vectorised; none fitting -> the whole image);
-  the crop is resized back bicubically;
+  the crop is resized back bicubically; optionally object-aware (Mishra et al. 2022): placed to contain
+  a given object box;
 * horizontal flip, p = 0.5;
 * colour distortion at strength s, applied with p = 0.8: brightness (multiplicative, factor in
   [1 - 0.8s, 1 + 0.8s]), contrast (0.8s), saturation (0.8s), hue (shift up to 0.2s of a turn), in a
@@ -100,8 +101,12 @@ def random_color_distortion(image, key, strength: float = 1.0, p_jitter: float =
 
 
 # ----------------------------------------------------------------------------- geometry
-def crop_box(key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = CROP_TRIES):
-    """(top, left, height, width) as fractions of the image side; the whole image if no try fits."""
+def crop_box(key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = CROP_TRIES, box=None):
+    """(top, left, height, width) as fractions of the image side; the whole image if no try fits.
+
+    `box` (x1, y1, x2, y2 fractions; optional): object-aware cropping (Mishra et al. 2022, "Object-aware
+    Cropping for Self-Supervised Learning"): the crop's size is drawn as usual, then its position so that
+    it contains the box (or, when smaller than the box, lies inside it) instead of anywhere."""
     k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
     area = jax.random.uniform(k_area, (tries,), minval=scale[0], maxval=scale[1])
     log_r = jax.random.uniform(k_ratio, (tries,), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
@@ -110,9 +115,20 @@ def crop_box(key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = CROP_TRI
     first = jnp.argmax(fits)
     ok = fits[first]
     h, w = jnp.where(ok, h[first], 1.0), jnp.where(ok, w[first], 1.0)
-    top = jax.random.uniform(k_y) * (1.0 - h)
-    left = jax.random.uniform(k_x) * (1.0 - w)
-    return top, left, h, w
+    u_y, u_x = jax.random.uniform(k_y), jax.random.uniform(k_x)
+    if box is None:
+        return u_y * (1.0 - h), u_x * (1.0 - w), h, w
+    box = jnp.asarray(box, jnp.float32)
+    return _covering_offset(u_y, h, box[1], box[3]), _covering_offset(u_x, w, box[0], box[2]), h, w
+
+
+def _covering_offset(u, size, start, end):
+    """An offset in [0, 1 - size] for a crop of `size` that covers [start, end] (if size >= end - start) or
+    lies within it (otherwise), at fraction u of the allowed range."""
+    a = jnp.clip(end - size, 0.0, 1.0 - size)
+    b = jnp.clip(start, 0.0, 1.0 - size)
+    lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+    return lo + u * (hi - lo)
 
 
 def crop_and_resize(image, top, left, height, width):
@@ -125,8 +141,8 @@ def crop_and_resize(image, top, left, height, width):
     return jnp.clip(out, 0.0, 1.0)
 
 
-def random_resized_crop(image, key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    return crop_and_resize(image, *crop_box(key, scale, ratio))
+def random_resized_crop(image, key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), box=None):
+    return crop_and_resize(image, *crop_box(key, scale, ratio, box=box))
 
 
 def random_flip(image, key, p: float = 0.5):
@@ -159,12 +175,13 @@ def random_blur(image, key, p: float = 0.5, sigma=(0.1, 2.0)):
 
 # ----------------------------------------------------------------------------- the pipeline
 def simclr_augment(image, key, *, crop: bool = True, color: bool = True, strength: float = 1.0,
-                   blur: bool = True, flip: bool = True, crop_scale=(0.08, 1.0)):
+                   blur: bool = True, flip: bool = True, crop_scale=(0.08, 1.0), box=None):
     """One SimCLR view of `image`. The switches reproduce the paper's ablations (crop only, colour only);
-    `crop_scale` is the crop's area range (the reference's (0.08, 1))."""
+    `crop_scale` is the crop's area range (the reference's (0.08, 1)); `box` makes the crop object-aware
+    (`crop_box`)."""
     k_crop, k_flip, k_color, k_blur = jax.random.split(key, 4)
     if crop:
-        image = random_resized_crop(image, k_crop, scale=tuple(crop_scale))
+        image = random_resized_crop(image, k_crop, scale=tuple(crop_scale), box=box)
     if flip:
         image = random_flip(image, k_flip)
     if color:

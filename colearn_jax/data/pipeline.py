@@ -203,8 +203,9 @@ class _ExampleTransform:
     first caption). `_BatchFinish` normalises the images of a whole batch afterwards.
     Without a tokenizer: no text (and `_BatchFinish` leaves the images uint8)."""
 
-    def __init__(self, cfg, tokenizer, with_label: bool):
+    def __init__(self, cfg, tokenizer, with_label: bool, extra_keys: tuple = ()):
         self.size = int(cfg.image_size)
+        self.extra_keys = tuple(extra_keys)  # copied through as arrays (e.g. boxes, in fractions of the side)
         self.context_length = int(cfg.context_length) if tokenizer is not None else 0
         self.image_key, self.text_key = _opt(cfg, "image_key"), _opt(cfg, "text_key")
         self.label_key = _opt(cfg, "label_key") if with_label else None
@@ -225,6 +226,8 @@ class _ExampleTransform:
             out["text"] = self.tokenize(_pick_text(_lookup(example, self.text_key), rng))
         if self.label_key:
             out["label"] = np.int32(_lookup(example, self.label_key))
+        for key in self.extra_keys:
+            out[key] = np.asarray(_lookup(example, key))
         return out
 
 
@@ -310,7 +313,8 @@ def _mixture(data_cfg, tokenizer, seed: int) -> grain.MapDataset:
 
 
 def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 0,
-                        process_count: int = 1, with_label: bool | None = None) -> grain.DatasetIterator:
+                        process_count: int = 1, with_label: bool | None = None,
+                        extra_keys: tuple = ()) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's share of `data_cfg.batch_size`.
 
     Order: global shuffle (reshuffled each epoch) -> per-example random caption/augmentation
@@ -325,18 +329,21 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     Orbax: save with `grain.checkpoint.CheckpointSave(it)` and restore into a fresh iterator
     with `grain.checkpoint.CheckpointRestore(it)` inside `ocp.args.Composite` (grain 0.2.18).
     `num_workers > 0` adds grain worker processes (same batches, but a different state format).
-    `with_label` None: labels when the data has `label_key`.
+    `with_label` None: labels when the data has `label_key`. `extra_keys`: example fields copied into the
+    batch as they are (a system's own inputs, e.g. SimCLR's object boxes; fixed-shape per example).
     """
     per = _per_process(int(data_cfg.batch_size), process_index, process_count,
                        "config.data.batch_size")
     if data_cfg.get("mixture"):
+        if extra_keys:
+            raise ValueError(f"extra_keys {list(extra_keys)} are not supported with config.data.mixture.")
         ds = _mixture(data_cfg, tokenizer, seed)
     else:
         source = train_subset(_source(data_cfg, _opt(data_cfg, "train_split")),
                               float(_opt(data_cfg, "train_fraction")), int(_opt(data_cfg, "train_fraction_seed")))
         if with_label is None:
             with_label = _has(source[0], _opt(data_cfg, "label_key"))
-        transform = _ExampleTransform(data_cfg, tokenizer, with_label)
+        transform = _ExampleTransform(data_cfg, tokenizer, with_label, extra_keys)
         ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
         ds = ds.random_map(transform)
     # Batches of b consecutive examples; global batch k is local batches k*P .. k*P+P-1.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -52,12 +53,30 @@ def get_dtype(name: str):
 
 # ----------------------------------------------------------------------------- model
 def build_encoder(config):
+    """`model.encoder.kind`: "resnet" (the paper's ResNet v1.5) or "vit" (a VisionTransformer, as the
+    contrastive ViTs of MoCo v3, Chen, Xie & He 2021; `model.encoder.vit.stem="conv"` is Xiao et al. 2021's
+    convolutional stem)."""
     from colearn_jax.nn.resnet_v1 import ResNetV1  # noqa: PLC0415
+    from colearn_jax.nn.vit import VisionTransformer  # noqa: PLC0415
 
     e = config.model.encoder
+    if e.get("kind", "resnet") == "vit":
+        v = e.vit
+        return ViTEncoder(VisionTransformer(
+            image_size=config.data.image_size, patch_size=v.patch_size, width=v.width, num_layers=v.layers,
+            num_heads=v.heads, mlp_ratio=v.mlp_ratio, pool=v.pool, stem=v.stem, dtype=get_dtype(config.model.dtype)))
     return ResNetV1(depth=e.depth, width_multiplier=e.width_multiplier, cifar_stem=e.cifar_stem,
                     stage_sizes=tuple(e.stage_sizes) if e.get("stage_sizes") else None, block=e.get("block"),
                     zero_init_residual=e.zero_init_residual, dtype=get_dtype(config.model.dtype))
+
+
+class ViTEncoder(nn.Module):
+    """A VisionTransformer as SimCLR's encoder: `{"features": its pooled, LayerNorm'd representation}`."""
+
+    vit: nn.Module
+
+    def __call__(self, images: jax.Array, train: bool = False) -> dict:
+        return {"features": self.vit(images, train=train)["embedding"].astype(jnp.float32)}
 
 
 def build_model(config, num_classes: int | None = None) -> SimCLR:
@@ -76,7 +95,10 @@ def build_finetune_model(config) -> SimCLR:
 
 def example_batch(config, batch_size: int) -> dict:
     s = config.data.image_size
-    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8)}
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8)}
+    if box_key := object_box_key(config):  # one box per image here; the data may hold more (the first is used)
+        batch[box_key] = jax.ShapeDtypeStruct((batch_size, 1, 4), jnp.float32)
+    return batch
 
 
 def finetune_example_batch(config, batch_size: int) -> dict:
@@ -91,15 +113,27 @@ def view_augmenter(config):
                              flip=a.flip, crop_scale=tuple(a.crop_scale))
 
 
+def object_box_key(config) -> str | None:
+    """The data key of the boxes object-aware crops are placed around, or None (plain random crops)."""
+    a = config.augment
+    return a.get("object_box_key") if a.get("object_crop") else None
+
+
 def make_batch_transform(config):
     """N images -> 2N views, interleaved: row 2i + v is view v of example i, key fold_in(key, 2i + v)."""
     aug = view_augmenter(config)
+
+    box_key = object_box_key(config)
 
     def transform(batch, rngs, step):
         images = to_unit_float(batch["image"])
         n = images.shape[0]
         keys = rng_lib.per_example_keys(rngs["augment"], 2 * n)
-        views = jax.vmap(aug)(jnp.repeat(images, 2, axis=0), keys)
+        if box_key:  # object-aware crops around each image's first box
+            boxes = jnp.repeat(batch[box_key][:, 0].astype(jnp.float32), 2, axis=0)
+            views = jax.vmap(lambda im, k, b: aug(im, k, box=b))(jnp.repeat(images, 2, axis=0), keys, boxes)
+        else:
+            views = jax.vmap(aug)(jnp.repeat(images, 2, axis=0), keys)
         return {**batch, "image": views}
 
     return transform
@@ -151,8 +185,10 @@ def make_finetune_objective(config, mesh=None, rules=None):
 def make_train_data(config, ctx: DataContext):
     from colearn_jax.data import make_train_iterator  # noqa: PLC0415 (imports TFDS and grain)
 
+    box_key = object_box_key(config)
     return make_train_iterator(config.data, None, seed=ctx.seed, process_index=ctx.process_index,
-                               process_count=ctx.process_count, with_label=False)
+                               process_count=ctx.process_count, with_label=False,
+                               extra_keys=(box_key,) if box_key else ())
 
 
 def make_finetune_train_data(config, ctx: DataContext):
@@ -211,7 +247,13 @@ def validate_config(config) -> None:
 
     m, e, lc, a, d = config.model, config.model.encoder, config.loss, config.augment, config.data
     get_dtype(m.dtype)
-    if e.get("stage_sizes"):
+    kind = e.get("kind", "resnet")
+    _need(kind in ("resnet", "vit"), "model.encoder.kind", kind, "must be 'resnet' or 'vit'")
+    if kind == "vit":
+        _need(e.vit.pool in ("cls", "gap"), "model.encoder.vit.pool", e.vit.pool, "must be 'cls' or 'gap'")
+        _need(d.image_size % e.vit.patch_size == 0, "model.encoder.vit.patch_size", e.vit.patch_size,
+              f"must divide data.image_size={d.image_size}")
+    elif e.get("stage_sizes"):
         _need(all(int(s) >= 1 for s in e.stage_sizes), "model.encoder.stage_sizes", list(e.stage_sizes),
               "must be positive block counts")
         _need(e.get("block") in EXPANSION, "model.encoder.block", e.get("block"), f"must be one of {sorted(EXPANSION)}")
@@ -231,6 +273,8 @@ def validate_config(config) -> None:
     _need(a.strength >= 0, "augment.strength", a.strength, "must be >= 0")
     lo, hi = tuple(a.crop_scale)
     _need(0 < lo <= hi <= 1, "augment.crop_scale", list(a.crop_scale), "must be (min, max) area fractions in (0, 1]")
+    _need(not a.get("object_crop") or bool(a.get("object_box_key")), "augment.object_box_key",
+          a.get("object_box_key"), "must name the data's box key when augment.object_crop is on")
     _need(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
     ev = config.eval
     if ev.linear_probe or ev.knn or config.model.name == "simclr_finetune":
