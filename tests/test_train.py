@@ -136,12 +136,16 @@ def test_config_errors_fail_before_compiling(tmp_path):
 
 
 def test_ctrl_c_requests_a_graceful_stop_and_a_second_one_interrupts():
+    # The handler in place before (Python's default_int_handler, or SIG_IGN where the suite was started in
+    # the background by a non-interactive shell) is what must come back.
+    before = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:
+        assert signal.getsignal(signal.SIGINT) is not before  # GracefulStop's own handler is installed
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_train_step_runs_under_a_transfer_guard(tmp_path, monkeypatch):
