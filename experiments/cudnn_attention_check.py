@@ -13,7 +13,6 @@ import sys
 
 import jax  # noqa: E402
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from colearn_jax.nn.attention import padded_attention
@@ -66,5 +65,4 @@ def main():
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

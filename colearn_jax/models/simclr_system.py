@@ -129,11 +129,9 @@ def make_batch_transform(config):
         images = to_unit_float(batch["image"])
         n = images.shape[0]
         keys = rng_lib.per_example_keys(rngs["augment"], 2 * n)
-        if box_key:  # object-aware crops around each image's first box
-            boxes = jnp.repeat(batch[box_key][:, 0].astype(jnp.float32), 2, axis=0)
-            views = jax.vmap(lambda im, k, b: aug(im, k, box=b))(jnp.repeat(images, 2, axis=0), keys, boxes)
-        else:
-            views = jax.vmap(aug)(jnp.repeat(images, 2, axis=0), keys)
+        # object-aware crops around each image's first box; None (no leaves for vmap): plain crops
+        boxes = jnp.repeat(batch[box_key][:, 0].astype(jnp.float32), 2, axis=0) if box_key else None
+        views = jax.vmap(lambda im, k, b: aug(im, k, box=b))(jnp.repeat(images, 2, axis=0), keys, boxes)
         return {**batch, "image": views}
 
     return transform
