@@ -101,3 +101,33 @@ def test_object_aware_crops_cover_the_box_or_lie_inside_it():
                 assert start >= lo - 1e-6 and start + size <= hi + 1e-6
                 inside += 1
     assert covered > 30 and inside > 30  # both cases were exercised
+
+
+def test_erase_fills_the_mask_from_its_surroundings():
+    """Masked pixels take the colours of the unmasked ones around them; the rest is unchanged."""
+    ramp = jnp.broadcast_to(jnp.linspace(0.0, 1.0, 32)[None, :, None], (32, 32, 3))
+    image = ramp.at[10:16, 12:18].set(jnp.array([1.0, 0.0, 0.0]))  # a red square on a horizontal ramp
+    mask = jnp.zeros((32, 32)).at[10:16, 12:18].set(1.0)
+    out = augment.erase(image, mask, radius=4, grow=1)
+    grown = np.zeros((32, 32), bool)
+    grown[9:17, 11:19] = True
+    np.testing.assert_allclose(np.asarray(out)[~grown], np.asarray(image)[~grown])
+    filled = np.asarray(out)[grown]
+    np.testing.assert_allclose(filled[:, 0], filled[:, 1], atol=1e-6)  # no red left: grey like the ramp
+    np.testing.assert_allclose(filled, np.asarray(ramp)[grown], atol=0.1)  # about the ramp's values there
+    lone = augment.erase(image, jnp.ones((32, 32)).at[0, 0].set(0.0), radius=1, grow=0)
+    np.testing.assert_allclose(np.asarray(lone)[20, 20], np.asarray(image)[0, 0])  # nothing near: the kept mean
+
+
+def test_background_swap_keeps_the_foreground_on_another_images_background():
+    """Each image's foreground pixels stay; everywhere else shows image (i + shift) mod N with that image's
+    own foreground erased (filled from its background, not left as a ghost)."""
+    n, s = 4, 24
+    backgrounds = jnp.linspace(0.1, 0.4, n)[:, None, None, None] * jnp.ones((n, s, s, 3))
+    masks = jnp.zeros((n, s, s)).at[:, 8:14, 8:14].set(1.0)
+    images = jnp.where(masks[..., None] > 0, 0.9, backgrounds)
+    out = np.asarray(augment.background_swap(images, masks, 1))
+    inside = np.asarray(masks, bool)
+    for i in range(n):
+        np.testing.assert_allclose(out[i][inside[i]], 0.9)
+        np.testing.assert_allclose(out[i][~inside[i]], float(backgrounds[(i + 1) % n, 0, 0, 0]), atol=1e-5)

@@ -47,7 +47,8 @@ def test_schema(built):
     for base, cfg in configs.items():
         m, p, q, c = cfg.max_digits, cfg.num_proposals, cfg.num_questions, cfg.num_captions
         shapes = {
-            "image": ((64, 64, 3), np.uint8), "boxes": ((m, 4), np.float32),
+            "image": ((64, 64, 3), np.uint8), "segmentation": ((64, 64, 1), np.uint8),
+            "boxes": ((m, 4), np.float32),
             "box_mask": ((m,), np.bool_), "box_digits": ((m,), np.int32),
             "box_colours": ((m,), np.int32), "box_sizes": ((m,), np.int32),
             "box_sources": ((m,), np.int32), "box_occlusion": ((m,), np.float32),
@@ -199,6 +200,33 @@ def test_boxes_match_rendered_digits(built, sklearn_digits):
     assert accuracy >= 0.85 and same_source >= 0.85, (accuracy, same_source)  # ~0.90, ~0.94
     assert (centroid.predict(shifted) == labels).mean() < 0.35
     assert (nearest.predict(shifted) == ids).mean() < 0.1
+
+
+def test_segmentation_marks_each_digits_ink(built):
+    """Digit i's segment (value i + 1) lies inside its box, is non-empty unless painted over, and its
+    pixels have the digit's named colour (nearest of the eight); nothing is marked outside the boxes."""
+    _, _, sources = built
+    checked = 0
+    for base in ("single", "scenes"):
+        for ex in _all(sources[base, "train"])[:24]:
+            seg, image, n = ex["segmentation"][..., 0], ex["image"].astype(np.float64), int(ex["num_digits"])
+            assert set(np.unique(seg).tolist()) <= set(range(n + 1))
+            inside = np.zeros(seg.shape, bool)
+            for i in range(n):
+                x1, y1, x2, y2 = np.round(ex["boxes"][i] * 64).astype(int)
+                inside[y1:y2, x1:x2] = True
+                ys, xs = np.nonzero(seg == i + 1)
+                if ex["box_occlusion"][i] < 0.5:
+                    assert len(ys) >= 10, (base, ex["id"], i)
+                if len(ys) == 0:
+                    continue
+                assert x1 <= xs.min() and xs.max() < x2 and y1 <= ys.min() and ys.max() < y2
+                colours = np.asarray([R.COLOURS[c] for c in D.COLOUR_NAMES], np.float64)
+                mean = image[seg == i + 1].mean(0)
+                assert np.argmin(((colours - mean) ** 2).sum(-1)) == ex["box_colours"][i], (base, ex["id"], i)
+                checked += 1
+            assert not np.any(seg[~inside])
+    assert checked >= 30
 
 
 def test_heldout_combinations(built, sklearn_digits):

@@ -81,3 +81,15 @@ def test_device_normalize_equals_normalize_and_passes_floats_through():
     np.testing.assert_array_equal(np.asarray(image_ops.device_normalize(host)), host)  # already normalised
     with pytest.raises(TypeError, match="uint8"):
         image_ops.device_normalize(values.astype(np.int32))
+
+
+def test_label_maps_follow_the_images_resize_and_crop_with_nearest_sampling():
+    """`resize_label_map_like_image`: the short side to `size`, the centre crop, each output pixel the
+    label under its centre; integer labels stay integers (no blending)."""
+    labels = np.arange(48 * 64, dtype=np.int32).reshape(48, 64, 1)
+    out = image_ops.resize_label_map_like_image(labels, 24)  # 48x64 -> 24x32 -> centre 24x24 (left 4)
+    assert out.shape == (24, 24, 1) and out.dtype == np.int32
+    rows, cols = 2 * np.arange(24) + 1, 2 * (np.arange(24) + 4) + 1
+    np.testing.assert_array_equal(out[..., 0], labels[rows[:, None], cols[None, :], 0])
+    square = image_ops.resize_label_map_like_image(labels[:48, :48].astype(np.uint8), 48)
+    np.testing.assert_array_equal(square, labels[:48, :48].astype(np.uint8))  # same size: unchanged

@@ -136,11 +136,14 @@ def test_learning_rate_helper_and_presets():
     ("loss.gather", "tree", "config.loss.gather='tree'"),
     ("model.encoder.kind", "convnext", "config.model.encoder.kind='convnext'"),
     ("augment.object_box_key", "", "config.augment.object_box_key=''"),
+    ("augment.segmentation_key", "", "config.augment.segmentation_key=''"),
 ])
 def test_config_errors_name_the_key(key, value, match):
     c = _config(**{key: value})
     if key == "augment.object_box_key":
         c.augment.object_crop = True
+    if key == "augment.segmentation_key":
+        c.augment.background_swap = True
     if key == "model.encoder.depth":
         c.model.encoder.stage_sizes = []
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
@@ -201,6 +204,42 @@ def test_object_aware_views_come_from_the_boxes_the_pipeline_carries():
                                                          "augment.crop_scale": (0.3, 0.5)}))(
         {"image": images}, keys, 0)["image"])
     assert (unaware.reshape(8, -1).max(axis=1) < 0.5).any()  # plain crops miss it sometimes
+
+
+def test_background_swaps_use_the_segmentation_the_pipeline_carries():
+    """augment.background_swap: the pipeline carries the per-pixel instance map resized with the image, and
+    each view shows its own digit's pixels on two different other images' backgrounds."""
+    from colearn_jax.models.simclr_system import example_batch, make_train_data, swapped_backgrounds  # noqa: PLC0415
+    from colearn_jax.data import augment  # noqa: PLC0415
+    from colearn_jax.models import DataContext  # noqa: PLC0415
+
+    c = _config(**{"augment.background_swap": True})
+    assert example_batch(c, 2)["segmentation"].shape == (2, 16, 16, 1)
+    batch = next(iter(make_train_data(c, DataContext(seed=0))))
+    seg = batch["segmentation"]
+    assert seg.shape == (c.data.batch_size, 16, 16, 1) and seg.dtype == np.uint8
+    assert set(np.unique(seg).tolist()) == {0, 1}  # one digit per `single` image, resized 64 -> 16 nearest
+    ink = batch["image"].astype(np.float32).max(-1)
+    assert ink[seg[..., 0] > 0].mean() > ink[seg[..., 0] == 0].mean() + 60  # the segment is the bright digit
+
+    images = jnp.asarray(batch["image"], jnp.float32) / 255.0
+    fg = jnp.asarray(seg[..., 0] > 0)
+    pairs = np.asarray(swapped_backgrounds(images, fg, jax.random.PRNGKey(3)))
+    n = images.shape[0]
+    assert pairs.shape == (2 * n, 16, 16, 3)
+    fg_np = np.asarray(fg)
+    for i in range(n):
+        np.testing.assert_allclose(pairs[2 * i][fg_np[i]], np.asarray(images[i])[fg_np[i]])
+        np.testing.assert_allclose(pairs[2 * i + 1][fg_np[i]], np.asarray(images[i])[fg_np[i]])
+    plates = np.asarray(jax.vmap(augment.erase)(images, fg))  # each image with its digit erased
+    backs = [np.nonzero([np.allclose(pairs[2 * i + v][~fg_np[i]], plates[j][~fg_np[i]], atol=1e-6)
+                         for j in range(n)])[0].tolist() for i in range(n) for v in range(2)]
+    assert all(len(b) == 1 for b in backs), backs  # the rest of each view is exactly one other image's plate
+    partners = np.asarray([b[0] for b in backs]).reshape(n, 2)
+    assert (partners != np.arange(n)[:, None]).all() and (partners[:, 0] != partners[:, 1]).all()
+    keys = step_keys(jax.random.PRNGKey(0), 0, ("augment",))
+    views = make_batch_transform(c)({"image": batch["image"], "segmentation": seg}, keys, 0)["image"]
+    assert views.shape == (2 * n, 16, 16, 3)
 
 
 def test_vit_encoder_option():

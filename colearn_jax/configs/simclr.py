@@ -68,7 +68,11 @@ def _base() -> ml_collections.ConfigDict:
                                                # object-aware crops (Mishra et al. 2022): each crop placed to
                                                # contain the image's first box of `object_box_key` (x1, y1,
                                                # x2, y2 fractions): declared weak localisation supervision
-                                               object_crop=False, object_box_key="boxes"))
+                                               object_crop=False, object_box_key="boxes",
+                                               # background swaps (Ryali et al. 2021): each view shows the
+                                               # image's foreground (`segmentation_key` > 0) on another
+                                               # image's background: declared weak segmentation supervision
+                                               background_swap=False, segmentation_key="segmentation"))
 
     c.data.name = "digit_scenes/single"
     c.data.data_dir = config_dict.placeholder(str)

@@ -173,6 +173,34 @@ def random_blur(image, key, p: float = 0.5, sigma=(0.1, 2.0)):
     return jnp.where(jax.random.uniform(k_apply) < p, blurred, image)
 
 
+# ----------------------------------------------------------------------------- backgrounds
+def erase(image, mask, radius: int = 4, grow: int = 2):
+    """`image` [H, W, C] with the pixels where `mask` [H, W] (in [0, 1]) is set, grown by `grow` pixels (so
+    anti-aliased edges go too), filled in from the unmasked pixels around them: a normalised box filter of
+    side 2 * radius + 1 (normalised convolution; the unmasked mean where no unmasked pixel is that close)."""
+    mask = mask.astype(image.dtype)
+    if grow:
+        mask = jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, (2 * grow + 1,) * 2, (1, 1), "SAME")
+    keep = 1.0 - mask
+    side = 2 * radius + 1
+    window = lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (side, side, 1), (1, 1, 1), "SAME")  # noqa: E731
+    weight = window(keep[..., None])
+    total = window(image * keep[..., None])
+    fallback = jnp.sum(image * keep[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(keep), 1.0)
+    filled = jnp.where(weight > 0, total / jnp.maximum(weight, 1e-6), fallback)
+    return keep[..., None] * image + (1.0 - keep[..., None]) * filled
+
+
+def background_swap(images, masks, shift):
+    """Each image's foreground (`masks` [N, H, W] in [0, 1]) composited onto the background of image
+    (i + shift) mod N, whose own foreground is erased first (`erase`): background augmentation (Ryali,
+    Schwab & Morcos 2021, "Characterizing and Improving the Robustness of Self-Supervised Learning through
+    Background Augmentations", BG_Swaps/BG_Random), so two views share the object and not the scene."""
+    m = masks.astype(images.dtype)[..., None]
+    plates = jax.vmap(erase)(images, masks)
+    return m * images + (1.0 - m) * jnp.roll(plates, -shift, axis=0)  # row i: plate (i + shift) mod N
+
+
 # ----------------------------------------------------------------------------- the pipeline
 def simclr_augment(image, key, *, crop: bool = True, color: bool = True, strength: float = 1.0,
                    blur: bool = True, flip: bool = True, crop_scale=(0.08, 1.0), box=None):

@@ -29,7 +29,9 @@ Features (M = max_digits, P = num_proposals = 10, Q = num_questions = 8, C = num
 padding: ids -1, floats 0, strings "", masks False; boxes are (x1, y1, x2, y2) in [0, 1] of the
 digit's square; every array is static-shaped so grain batches examples directly; string arrays
 decode as object arrays of bytes - `arrays_only` drops them before device placement):
-  image uint8 [S,S,3]; id int64; num_digits int64; has_heldout_pair bool
+  image uint8 [S,S,3]; segmentation uint8 [S,S,1] (instance map: i + 1 where digit i's ink, alpha >=
+      0.5, is on top; 0 background: foreground masks for background augmentation, or segmentation);
+      id int64; num_digits int64; has_heldout_pair bool
   caption str (= captions[0], every digit left to right: "two digits: a small red seven and a
       large blue two"); captions str [C] (relations "... to the left of ...", positions, numerals
       "a red 7", bindings "the seven is red", colour counts "one red digit and two blue digits";
@@ -177,7 +179,7 @@ def generate_example(cfg: DigitScenesConfig, split: str, index: int, pools, glyp
         rng, pool=pools[split], num_digits=n, image_size=cfg.image_size,
         digit_sides=(cfg.small_size, cfg.large_size), max_overlap=cfg.max_overlap,
         heldout=HELDOUT_PAIRS, want_heldout=split == "test_heldout")
-    image, occlusion = R.render(rng, layout, glyphs, cfg.image_size)
+    image, occlusion, segmentation = R.render(rng, layout, glyphs, cfg.image_size)
     captions = A.captions(rng, layout, cfg.image_size, cfg.num_captions)
     qa = A.questions(rng, layout, cfg.image_size, cfg.num_questions)
     soft = A.box_soft_labels(rng, layout, occlusion)
@@ -194,6 +196,7 @@ def generate_example(cfg: DigitScenesConfig, split: str, index: int, pools, glyp
     pad_q = lambda xs, fill: list(xs) + [fill] * (q - len(xs))  # noqa: E731
     example = {
         "image": image,
+        "segmentation": segmentation[..., None],
         "id": index,
         "num_digits": n,
         "has_heldout_pair": any((int(d), int(c)) in HELDOUT_PAIRS
@@ -227,8 +230,9 @@ def generate_example(cfg: DigitScenesConfig, split: str, index: int, pools, glyp
 class DigitScenes(tfds.core.GeneratorBasedBuilder):
     """Cluttered multi-digit scenes with captions, boxes, soft labels, proposals and QA."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Adds `segmentation` (per-pixel digit index); images and annotations unchanged."}
     BUILDER_CONFIGS = list(CONFIGS.values())
     DEFAULT_BUILDER_CONFIG_NAME = "scenes"
 
@@ -245,6 +249,7 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
         k = len(REGION_CLASSES)
         features = {
             "image": tfds.features.Image(shape=(s, s, 3), dtype=np.uint8),
+            "segmentation": tfds.features.Image(shape=(s, s, 1), dtype=np.uint8),
             "id": np.int64, "num_digits": np.int64, "has_heldout_pair": np.bool_,
             "caption": tfds.features.Text(), "captions": text(cfg.num_captions),
             "boxes": t((m, 4), np.float32), "box_mask": t((m,), np.bool_),
@@ -283,6 +288,9 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
             png = io.BytesIO()  # PIL's PNG encoder: lossless, and faster than TFDS's TF graph.
             Image.fromarray(example["image"]).save(png, format="PNG", compress_level=1)
             example["image"] = png.getvalue()
+            png = io.BytesIO()
+            Image.fromarray(example["segmentation"][..., 0], mode="L").save(png, format="PNG", compress_level=1)
+            example["segmentation"] = png.getvalue()
             yield i, example
 
 

@@ -57,6 +57,18 @@ def resize_short_side_center_crop(image, size: int) -> np.ndarray:
     return to_rgb_uint8(image[top : top + size, left : left + size])
 
 
+def resize_label_map_like_image(label_map, size: int) -> np.ndarray:
+    """A per-pixel label map [H, W, C] (segmentation, mask) put through `resize_short_side_center_crop`'s
+    geometry with nearest-neighbour sampling, so its pixels stay aligned with the image's; dtype kept."""
+    label_map = np.asarray(label_map)
+    h, w = label_map.shape[:2]
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    rows = np.minimum(((np.arange(top, top + size) + 0.5) * h / new_h).astype(int), h - 1)
+    cols = np.minimum(((np.arange(left, left + size) + 0.5) * w / new_w).astype(int), w - 1)
+    return label_map[rows[:, None], cols[None, :]]
+
+
 def _normalize_arithmetic(image) -> np.ndarray:
     x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)

@@ -218,8 +218,10 @@ class _ExampleTransform:
         return row(text, self.context_length) if row else self.tokenizer(text, self.context_length)[0]
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        image = image_ops.resize_short_side_center_crop(_lookup(example, self.image_key), self.size)
-        if self.augment and rng is not None:
+        raw = _lookup(example, self.image_key)
+        image = image_ops.resize_short_side_center_crop(raw, self.size)
+        shifted = self.augment and rng is not None
+        if shifted:
             image = image_ops.random_translate(image, rng, self.max_shift)
         out = {"image": image}
         if self.tokenizer is not None:
@@ -227,7 +229,13 @@ class _ExampleTransform:
         if self.label_key:
             out["label"] = np.int32(_lookup(example, self.label_key))
         for key in self.extra_keys:
-            out[key] = np.asarray(_lookup(example, key))
+            value = np.asarray(_lookup(example, key))
+            if value.ndim == 3 and value.shape[:2] == np.shape(raw)[:2]:  # a per-pixel map: follows the image
+                if shifted:
+                    raise ValueError(f"config.data.augment shifts images on the host, and the per-pixel field "
+                                     f"{key!r} would not follow; turn config.data.augment off.")
+                value = image_ops.resize_label_map_like_image(value, self.size)
+            out[key] = value
         return out
 
 
@@ -330,7 +338,8 @@ def make_train_iterator(data_cfg, tokenizer, *, seed: int, process_index: int = 
     with `grain.checkpoint.CheckpointRestore(it)` inside `ocp.args.Composite` (grain 0.2.18).
     `num_workers > 0` adds grain worker processes (same batches, but a different state format).
     `with_label` None: labels when the data has `label_key`. `extra_keys`: example fields copied into the
-    batch as they are (a system's own inputs, e.g. SimCLR's object boxes; fixed-shape per example).
+    batch (a system's own inputs, e.g. SimCLR's object boxes; fixed-shape per example); a per-pixel field
+    ([H, W, C] with the image's H, W: a segmentation) is resized and cropped with the image (nearest).
     """
     per = _per_process(int(data_cfg.batch_size), process_index, process_count,
                        "config.data.batch_size")

@@ -198,11 +198,15 @@ def _strokes(rng, size: int, count: int):
     return np.asarray(colour, np.float64), np.asarray(alpha, np.float64)[..., None] / 255.0
 
 
+INK_THRESHOLD = 0.5  # a pixel belongs to a digit in the segmentation where its ink covers at least half of it
+
+
 def render(rng: np.random.Generator, layout: Layout, glyphs: GlyphBank, image_size: int,
            num_strokes: tuple[int, int] = (2, 5), noise: float = 6.0):
-    """Paints `layout`: returns (uint8 image [S,S,3], occlusion [n]).
+    """Paints `layout`: returns (uint8 image [S,S,3], occlusion [n], segmentation uint8 [S,S]).
 
-    `occlusion[i]` is the fraction of digit i's ink covered by digits painted after it.
+    `occlusion[i]` is the fraction of digit i's ink covered by digits painted after it; `segmentation`
+    holds i + 1 where digit i's ink (alpha >= INK_THRESHOLD) is the topmost, 0 elsewhere (background).
     """
     img = _background(rng, image_size)
     colour, alpha = _strokes(rng, image_size, int(rng.integers(num_strokes[0], num_strokes[1] + 1)))
@@ -218,6 +222,9 @@ def render(rng: np.random.Generator, layout: Layout, glyphs: GlyphBank, image_si
         patch = img[y1:y2, x1:x2]
         patch += a[..., None] * (colour - patch)
     img = img + rng.normal(0, noise, size=img.shape)
+    segmentation = np.zeros((image_size, image_size), np.uint8)
+    for i in layout.paint_order:  # later digits paint over earlier ones
+        segmentation[inks[i] >= INK_THRESHOLD] = i + 1
     occlusion = np.zeros(n, np.float32)
     rank = np.argsort(layout.paint_order)
     for i in range(n):
@@ -225,4 +232,4 @@ def render(rng: np.random.Generator, layout: Layout, glyphs: GlyphBank, image_si
         if later:
             cover = inks[later].max(0)
             occlusion[i] = float((inks[i] * cover).sum() / max(inks[i].sum(), 1e-9))
-    return np.clip(np.round(img), 0, 255).astype(np.uint8), occlusion
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), occlusion, segmentation

@@ -98,6 +98,8 @@ def example_batch(config, batch_size: int) -> dict:
     batch = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8)}
     if box_key := object_box_key(config):  # one box per image here; the data may hold more (the first is used)
         batch[box_key] = jax.ShapeDtypeStruct((batch_size, 1, 4), jnp.float32)
+    if seg_key := segmentation_key(config):  # resized with the image by the pipeline
+        batch[seg_key] = jax.ShapeDtypeStruct((batch_size, s, s, 1), jnp.uint8)
     return batch
 
 
@@ -119,11 +121,29 @@ def object_box_key(config) -> str | None:
     return a.get("object_box_key") if a.get("object_crop") else None
 
 
+def segmentation_key(config) -> str | None:
+    """The data key of the per-pixel instance map (0 = background) background swaps take the foreground
+    from, or None (no background swaps)."""
+    a = config.augment
+    return a.get("segmentation_key") if a.get("background_swap") else None
+
+
+def swapped_backgrounds(images, foreground, key):
+    """[N, ...] images -> [2N, ...] interleaved pairs, each image's foreground on two other images'
+    backgrounds (`augment.background_swap`; partners i + s_v mod N, with two distinct shifts s_0 != s_1
+    drawn once per batch, so each row's partners do not depend on the mesh)."""
+    n = images.shape[0]
+    if n < 3:  # too few images for two distinct partners
+        return jnp.repeat(images, 2, axis=0)
+    shifts = 1 + jax.random.choice(key, n - 1, (2,), replace=False)
+    views = [augment.background_swap(images, foreground, shifts[v]) for v in range(2)]
+    return jnp.stack(views, axis=1).reshape((2 * n,) + images.shape[1:])
+
+
 def make_batch_transform(config):
     """N images -> 2N views, interleaved: row 2i + v is view v of example i, key fold_in(key, 2i + v)."""
     aug = view_augmenter(config)
-
-    box_key = object_box_key(config)
+    box_key, seg_key = object_box_key(config), segmentation_key(config)
 
     def transform(batch, rngs, step):
         images = to_unit_float(batch["image"])
@@ -131,7 +151,11 @@ def make_batch_transform(config):
         keys = rng_lib.per_example_keys(rngs["augment"], 2 * n)
         # object-aware crops around each image's first box; None (no leaves for vmap): plain crops
         boxes = jnp.repeat(batch[box_key][:, 0].astype(jnp.float32), 2, axis=0) if box_key else None
-        views = jax.vmap(lambda im, k, b: aug(im, k, box=b))(jnp.repeat(images, 2, axis=0), keys, boxes)
+        if seg_key:  # the batch-level key is one past the per-example ones
+            sources = swapped_backgrounds(images, batch[seg_key][..., 0] > 0, jax.random.fold_in(rngs["augment"], 2 * n))
+        else:
+            sources = jnp.repeat(images, 2, axis=0)
+        views = jax.vmap(lambda im, k, b: aug(im, k, box=b))(sources, keys, boxes)
         return {**batch, "image": views}
 
     return transform
@@ -183,10 +207,9 @@ def make_finetune_objective(config, mesh=None, rules=None):
 def make_train_data(config, ctx: DataContext):
     from colearn_jax.data import make_train_iterator  # noqa: PLC0415 (imports TFDS and grain)
 
-    box_key = object_box_key(config)
+    extra = tuple(k for k in (object_box_key(config), segmentation_key(config)) if k)
     return make_train_iterator(config.data, None, seed=ctx.seed, process_index=ctx.process_index,
-                               process_count=ctx.process_count, with_label=False,
-                               extra_keys=(box_key,) if box_key else ())
+                               process_count=ctx.process_count, with_label=False, extra_keys=extra)
 
 
 def make_finetune_train_data(config, ctx: DataContext):
@@ -273,6 +296,8 @@ def validate_config(config) -> None:
     _need(0 < lo <= hi <= 1, "augment.crop_scale", list(a.crop_scale), "must be (min, max) area fractions in (0, 1]")
     _need(not a.get("object_crop") or bool(a.get("object_box_key")), "augment.object_box_key",
           a.get("object_box_key"), "must name the data's box key when augment.object_crop is on")
+    _need(not a.get("background_swap") or bool(a.get("segmentation_key")), "augment.segmentation_key",
+          a.get("segmentation_key"), "must name the data's per-pixel instance map when augment.background_swap is on")
     _need(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
     ev = config.eval
     if ev.linear_probe or ev.knn or config.model.name == "simclr_finetune":
