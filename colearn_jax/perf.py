@@ -208,6 +208,25 @@ def transformer_forward_flops(tokens: int, width: int, layers: int, mlp_dim: int
     return layers * (2.0 * n * (4 * w * w + 2 * w * mlp_dim) + 4.0 * n * n * w)
 
 
+def vit_forward_flops(image_size: int, patch_size: int, width: int, layers: int, mlp_ratio: float = 4.0,
+                      stem: str = "patch", channels: int = 3) -> float:
+    """Matmul and convolution FLOPs of one image through `nn.vit.VisionTransformer` (class token included,
+    no output projection): the stem (one patch convolution, or Xiao et al. 2021's stride-2 3x3 convolutions
+    whose channels double up to width / 2, then a 1x1 projection) and the transformer stack."""
+    grid = image_size // patch_size
+    if stem == "patch":
+        flops = 2.0 * grid * grid * (patch_size**2 * channels) * width
+    else:
+        depth = patch_size.bit_length() - 1
+        flops, c_in, side = 0.0, channels, image_size
+        for i in range(depth):
+            c_out, side = max(width >> (depth - i), 8), side // 2
+            flops += 2.0 * side * side * 9 * c_in * c_out
+            c_in = c_out
+        flops += 2.0 * grid * grid * c_in * width
+    return flops + transformer_forward_flops(grid * grid + 1, width, layers, int(width * mlp_ratio))
+
+
 def clip_forward_flops(config) -> float | None:
     """Analytic forward FLOPs of one image-text pair for a ViT CLIP config; None for other towers.
 
@@ -218,10 +237,7 @@ def clip_forward_flops(config) -> float | None:
     v, t = m.vision, m.text
     if v.get("type", "vit") != "vit":
         return None
-    grid = v.image_size // v.patch_size
-    n_img = grid * grid + 1
-    vis = 2.0 * grid * grid * (v.patch_size**2 * 3) * v.width  # patch embedding
-    vis += transformer_forward_flops(n_img, v.width, v.layers, int(v.width * v.get("mlp_ratio", 4.0)))
+    vis = vit_forward_flops(v.image_size, v.patch_size, v.width, v.layers, v.get("mlp_ratio", 4.0))
     vis += 2.0 * v.width * m.embed_dim
     txt = transformer_forward_flops(t.context_length, t.width, t.layers, int(t.width * t.get("mlp_ratio", 4.0)))
     txt += 2.0 * t.width * m.embed_dim
@@ -273,9 +289,14 @@ def simclr_train_flops(config, global_batch: int) -> float:
     """3 × forward of the 2N views through encoder and projection head, plus NT-Xent's four N×N blocks."""
     from colearn_jax.models.simclr_system import build_encoder  # noqa: PLC0415
 
-    m = config.model
-    enc = resnet_v1_forward_flops(m.encoder, config.data.image_size)
-    head, d = 0.0, build_encoder(config).num_features
+    m, e = config.model, config.model.encoder
+    if e.get("kind", "resnet") == "vit":
+        v = e.vit
+        enc = vit_forward_flops(config.data.image_size, v.patch_size, v.width, v.layers, v.mlp_ratio, v.stem)
+        d = v.width
+    else:
+        enc, d = resnet_v1_forward_flops(e, config.data.image_size), build_encoder(config).num_features
+    head = 0.0
     for j in range(m.head.num_layers):
         out = m.head.out_dim if j == m.head.num_layers - 1 else (m.head.get("hidden_dim") or d)
         head += 2.0 * d * out

@@ -4,6 +4,7 @@ import math
 import os
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -67,6 +68,41 @@ def test_analytic_flops_match_open_clip_profile():
     for preset, ref in (("vit_b16", 41.09e9), ("vit_b32", 14.78e9), ("vit_l14", 175.3e9)):
         assert perf.clip_forward_flops(load_config(f"clip.py:{preset}")) == pytest.approx(ref, rel=0.01)
     assert perf.clip_forward_flops(load_config("clip.py:rn50")) is None
+
+
+def _matmul_flops(jaxpr) -> float:
+    """2 x multiply-adds of every dot_general and convolution in a jaxpr (sub-jaxprs included)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # HWIO in flax's convolutions
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs[:-1])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _matmul_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("stem", ["conv", "patch"])
+def test_vit_analytic_flops_equal_the_models_matmuls(stem):
+    """`perf.vit_forward_flops` (SimCLR's ViT encoder, CLIP's towers) counts exactly the dot and convolution
+    FLOPs of `nn.vit.VisionTransformer`'s forward (one image; the attention kernel's two matmuls included)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    from colearn_jax.nn.vit import VisionTransformer  # noqa: PLC0415
+
+    model = VisionTransformer(image_size=32, patch_size=8, width=48, num_layers=2, num_heads=4, mlp_ratio=4.0,
+                              pool="gap", stem=stem, attention_impl="xla")
+    images = jnp.zeros((1, 32, 32, 3))
+    variables = nn.unbox(model.init(jax.random.PRNGKey(0), images))
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images))(variables)
+    expected = perf.vit_forward_flops(32, 8, 48, 2, 4.0, stem)
+    assert _matmul_flops(jaxpr.jaxpr) == pytest.approx(expected, rel=1e-9)
+    simclr = load_config("simclr.py:digit_scenes")
+    assert perf.simclr_train_flops(simclr, 8) > 3 * 16 * perf.vit_forward_flops(32, 8, 96, 4, 4.0, "conv")
 
 
 def test_cost_analysis_compiled_is_per_device_lowered_is_global():

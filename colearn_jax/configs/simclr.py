@@ -124,17 +124,20 @@ def _tiny(c):
 def _digit_scenes(c):
     """python experiments/train.py --config=configs/simclr.py:digit_scenes --workdir=/tmp/simclr_digit_scenes
 
-    The CPU demo (README "SimCLR"): a narrow ResNet-18 with the CIFAR stem, pretrained on the 5000
-    digit_scenes/single training images at 32 px for under 20 minutes on a 2-core CPU; linear probe
-    and k-NN on the test split every few hundred steps."""
-    c.model.encoder.update(depth=18, width_multiplier=0.25, cifar_stem=True)
+    The CPU demo (README "SimCLR"): pretraining on the 5000 digit_scenes/single training images in about
+    17 minutes on a 2-core CPU; linear probe and k-NN on the test split every 700 steps. The encoder is a
+    small conv-stem ViT at 32 px (16 tokens; ~350 examples/s here, 6x the ResNet-18 x 0.25 of earlier
+    stops), with object-aware crops (Mishra et al. 2022) and background swaps (Ryali et al. 2021), which
+    use the dataset's boxes and segmentation: declared weak localisation supervision. README "SimCLR" has
+    the pilots behind each choice. The paper's ResNet is `model.encoder.kind="resnet"` (see cifar10)."""
+    c.model.encoder.update(kind="vit", depth=18, width_multiplier=0.25, cifar_stem=True)
+    c.model.encoder.vit.update(patch_size=8, width=96, layers=4, heads=4, pool="gap", stem="conv")
     c.model.head.update(num_layers=2, out_dim=64)
-    c.data.update(image_size=32, batch_size=256, eval_batch_size=200)
+    c.data.update(image_size=32, batch_size=128, eval_batch_size=200)
     c.loss.temperature = 0.2
-    c.augment.update(strength=0.5, blur=False, crop_scale=(0.2, 1.0))
-    set_schedule(c, num_examples=5000, epochs=60, warmup_epochs=5, base_lr=0.3)
-    c.optim.weight_decay = 1e-6
-    c.train.update(log_every=20, eval_every=400, checkpoint_every=200)
+    c.augment.update(strength=0.75, blur=False, crop_scale=(0.1, 0.6), object_crop=True, background_swap=True)
+    c.optim.update(name="adamw", lr=1e-3, weight_decay=0.1, warmup_steps=50)
+    c.train.update(num_steps=2800, log_every=50, eval_every=700, checkpoint_every=700)
     return c
 
 
@@ -184,7 +187,7 @@ def _finetune(c):
     c.model.name = "simclr_finetune"
     c.train.init_from_map = "encoder,head"
     c.train.best_metric = "top1"
-    c.augment.update(color=False, blur=False)
+    c.augment.update(color=False, blur=False, object_crop=False, background_swap=False)  # labelled views: crop + flip
     c.optim.update(name="sgd", nesterov=True, momentum=0.9, weight_decay=0.0, warmup_steps=0,
                    lr=learning_rate(c.data.batch_size, 0.1))
     c.eval.update(linear_probe=False, knn=False)
