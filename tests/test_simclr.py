@@ -238,8 +238,13 @@ def test_background_swaps_use_the_segmentation_the_pipeline_carries():
     partners = np.asarray([b[0] for b in backs]).reshape(n, 2)
     assert (partners != np.arange(n)[:, None]).all() and (partners[:, 0] != partners[:, 1]).all()
     keys = step_keys(jax.random.PRNGKey(0), 0, ("augment",))
-    views = make_batch_transform(c)({"image": batch["image"], "segmentation": seg}, keys, 0)["image"]
+    transform = jax.jit(make_batch_transform(c))
+    inputs = {"image": batch["image"], "segmentation": seg}
+    views = transform(inputs, keys, 0)["image"]
     assert views.shape == (2 * n, 16, 16, 3)
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, model=1))  # rows on 8 devices: the same views
+    sharded = jax.device_put(inputs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    np.testing.assert_allclose(np.asarray(transform(sharded, keys, 0)["image"]), np.asarray(views), atol=1e-6)
 
 
 def test_vit_encoder_option():

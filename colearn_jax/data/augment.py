@@ -15,6 +15,9 @@ parameters follow the reference implementation (google-research/simclr, data_uti
   random order, clipped to [0, 1] after each; then grayscale with p = 0.2;
 * Gaussian blur, p = 0.5: sigma U(0.1, 2.0), kernel 2 * (side // 20) + 1 (about 10% of the side),
   separable, zero-padded ('SAME') like the reference.
+
+Beyond the paper, for data with foreground masks: `background_swap` (Ryali, Schwab & Morcos 2021) puts
+each image's foreground on another image's background, whose own foreground `erase` fills in first.
 """
 from __future__ import annotations
 

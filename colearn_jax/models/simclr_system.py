@@ -6,7 +6,10 @@ per-example keys of the "augment" stream), so the model sees [2N, H, W, 3]; the 
 normalises over all 2N views of the global batch (global BN, Sec. 3 "Global BN", automatic under jit
 over a sharded batch); NT-Xent (`losses.contrastive.ntxent_loss`) contrasts z over the global batch
 with any gather mode. Views are interleaved (row 2i + v is view v of example i), so each device's
-rows hold both views of its own examples and splitting them is local.
+rows hold both views of its own examples and splitting them is local. Two options use localisation
+annotations of the data (never labels): `augment.object_crop` (crops placed around the object's box,
+Mishra et al. 2022) and `augment.background_swap` (each view's foreground, from a per-pixel instance map,
+on another image's background, Ryali et al. 2021); the digit_scenes preset uses both.
 
 NT-Xent normalisation (`config.loss.normalization`):
   "reference"  the reference's `mean_i CE_a(i) + mean_i CE_b(i)`: the two directions *summed*
