@@ -194,13 +194,14 @@ def erase(image, mask, radius: int = 4, grow: int = 2):
     return keep[..., None] * image + (1.0 - keep[..., None]) * filled
 
 
-def background_swap(images, masks, shift):
+def background_swap(images, masks, shift, plates=None):
     """Each image's foreground (`masks` [N, H, W] in [0, 1]) composited onto the background of image
     (i + shift) mod N, whose own foreground is erased first (`erase`): background augmentation (Ryali,
     Schwab & Morcos 2021, "Characterizing and Improving the Robustness of Self-Supervised Learning through
-    Background Augmentations", BG_Swaps/BG_Random), so two views share the object and not the scene."""
+    Background Augmentations", BG_Swaps/BG_Random), so two views share the object and not the scene.
+    `plates`: the images with their foregrounds erased, when already computed (several swaps of one batch)."""
     m = masks.astype(images.dtype)[..., None]
-    plates = jax.vmap(erase)(images, masks)
+    plates = jax.vmap(erase)(images, masks) if plates is None else plates
     return m * images + (1.0 - m) * jnp.roll(plates, -shift, axis=0)  # row i: plate (i + shift) mod N
 
 

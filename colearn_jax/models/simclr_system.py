@@ -139,7 +139,8 @@ def swapped_backgrounds(images, foreground, key):
     if n < 3:  # too few images for two distinct partners
         return jnp.repeat(images, 2, axis=0)
     shifts = 1 + jax.random.choice(key, n - 1, (2,), replace=False)
-    views = [augment.background_swap(images, foreground, shifts[v]) for v in range(2)]
+    plates = jax.vmap(augment.erase)(images, foreground)  # erased once, shared by both views' swaps
+    views = [augment.background_swap(images, foreground, shifts[v], plates) for v in range(2)]
     return jnp.stack(views, axis=1).reshape((2 * n,) + images.shape[1:])
 
 
