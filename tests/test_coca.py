@@ -91,9 +91,87 @@ def test_objective_is_weighted_sum_and_ignores_padding():
     assert np.isclose(float(loss), 0.5 * float(metrics["contrastive_loss"]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("tag_loss", ["softmax", "sigmoid"])
+def test_tagging_head_and_loss(tag_loss):
+    """The optional tagging loss (loss.lambda_tag): multi-hot targets from -1-padded ids (a repeated tag
+    counts once), the weighted sum by hand for both forms, and "max" pooling scores each tag by its best
+    token (never below the mean token's score: max of affine maps >= affine map of the mean)."""
+    from colearn_jax.models.coca_system import tag_targets  # noqa: PLC0415
+
+    config = _config(num_tags=10)
+    config.loss.update(lambda_tag=1.5, tag_loss=tag_loss)
+    config.data.update(tag_key="tags", tag_slots=3)
+    system = get_system("coca")
+    system.validate_config(config)
+    assert system.example_batch(config, 4)["tags"].shape == (4, 3)
+    model = system.build_model(config)
+    batch = synthetic_clip_batch(config, batch_size=4, seed=1)
+    batch["tags"] = np.array([[3, -1, -1], [0, 9, 9], [1, 2, 4], [-1, -1, -1]], np.int32)
+    targets = np.asarray(tag_targets(jnp.asarray(batch["tags"]), 10))
+    expected = np.zeros((4, 10), np.float32)
+    expected[0, 3] = expected[1, [0, 9]] = expected[2, [1, 2, 4]] = 1
+    np.testing.assert_array_equal(targets, expected)
+
+    variables = nn.unbox(model.init(jax.random.PRNGKey(0), batch))
+    out = model.apply(variables, batch)
+    assert out["tag_logits"].shape == (4, 10)
+    loss, metrics = system.make_objective(config)(out, batch, {}, 0)
+    z = np.asarray(out["tag_logits"], np.float64)[:3]  # the last row has no tags
+    t = expected[:3]
+    if tag_loss == "softmax":
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        tag_rows = -(t / t.sum(-1, keepdims=True) * logp).sum(-1)
+        np.testing.assert_allclose(float(metrics["tag_loss"]), tag_rows.sum() / 4, rtol=1e-5)  # untagged row: 0
+    else:
+        z4 = np.asarray(out["tag_logits"], np.float64)
+        bce = np.maximum(z4, 0) - z4 * expected + np.log1p(np.exp(-np.abs(z4)))
+        np.testing.assert_allclose(float(metrics["tag_loss"]), bce.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(metrics["contrastive_loss"]) + 2.0 * float(metrics["caption_loss"])
+                               + 1.5 * float(metrics["tag_loss"]), rtol=1e-6)
+    best = np.asarray(out["tag_logits"]).argmax(-1)
+    np.testing.assert_allclose(float(metrics["tag_top1"]), expected[np.arange(4), best].mean())
+
+    config.model.tag_pool = "max"
+    maxed = system.build_model(config).apply(variables, batch)["tag_logits"]
+    assert (np.asarray(maxed) >= np.asarray(out["tag_logits"]) - 1e-5).all()
+    assert not np.allclose(maxed, out["tag_logits"], atol=1e-3)
+
+    for key, value, match in (("data.tag_key", None, "config.data.tag_key"), ("model.num_tags", 0, "model.num_tags")):
+        bad = _config(num_tags=10)
+        bad.loss.update(lambda_tag=1.0)
+        bad.data.update(tag_key="tags")
+        section, field = key.split(".")
+        bad[section][field] = value
+        with pytest.raises(ValueError, match=match):
+            system.validate_config(bad)
+
+
+def test_scenes_tagged_pipeline_carries_the_digits_its_captions_name():
+    """`scenes_tagged`: the train pipeline carries each scene's `box_digits`, and they are the digits the
+    caption names (the caption lists every digit; "one/two/three digits:" opens it)."""
+    from colearn_jax.models import DataContext, clip_system  # noqa: PLC0415
+
+    config = load_config("coca.py:scenes_tagged")
+    config.unlock()
+    config.data.batch_size = 16
+    system = get_system("coca")
+    system.validate_config(config)
+    batch = next(iter(system.make_train_data(config, DataContext(seed=0))))
+    tags = np.asarray(batch["box_digits"])
+    assert tags.shape == (16, 3) and tags.min() >= -1 and tags.max() <= 9
+    names = list(config.eval.class_names)
+    tok = clip_system.tokenizer(config)
+    from colearn_jax.evals import captioning  # noqa: PLC0415
+
+    for ids, row in zip(np.asarray(batch["text"]), tags):
+        words = captioning.decode_generated(ids[None], tok)[0].replace(",", " ").split()
+        named = sorted(names.index(w) for w in words[2:] if w in names)  # words[:2]: "two digits:"
+        assert named == sorted(int(d) for d in row if d >= 0), (words, row)
+
+
 def test_presets_validate_and_have_their_command():
     system = get_system("coca")
-    for preset in ("tiny", "scenes", "base", "large"):
+    for preset in ("tiny", "scenes", "scenes_tagged", "base", "large"):
         config = load_config(f"coca.py:{preset}")
         system.validate_config(config)
     import colearn_jax.configs.coca as cfgmod

@@ -5,6 +5,8 @@ Presets (`--config=configs/coca.py:<preset>`), each docstring's first line the c
   scenes  the CPU demo on `digit_scenes/scenes` (64 px scenes of 1-3 digits, the caption naming every
           digit; word tokens, conv stem): trains on a 2-core CPU in under 20 minutes; evaluates
           zero-shot digit classification on `digit_scenes/single` and greedy captions on the test split.
+  scenes_tagged  `scenes` + an auxiliary tagging loss on the scene's digits (Tag2Text-style; declared
+          extra supervision, see its docstring).
   base    open_clip's coca_ViT-B-32 sizes on TFDS `coco_captions` (CLIP BPE tokenizer).
   large   open_clip's coca_ViT-L-14 sizes on TFDS `coco_captions`.
 
@@ -42,6 +44,8 @@ def _base() -> ml_collections.ConfigDict:
     c.model.pooler_heads = 4
     c.model.tie_embeddings = False
     c.model.legacy_cls_mask = False  # True for released open_clip CoCa weights
+    c.model.num_tags = 0  # > 0: an image tagging head on the ViT tokens, trained when loss.lambda_tag > 0
+    c.model.tag_pool = "mean"  # mean: the mean token's tag logits | max: each tag's best token
     c.model.vision = ml_collections.ConfigDict(
         dict(image_size=64, patch_size=8, width=96, layers=4, heads=4, mlp_ratio=4.0, stem="patch"))
     # context_length: text positions before the appended CLS token
@@ -49,7 +53,11 @@ def _base() -> ml_collections.ConfigDict:
         dict(vocab_size=259, context_length=96, width=64, layers=2, heads=4, mlp_ratio=4.0))
     c.model.decoder = ml_collections.ConfigDict(dict(layers=2, heads=4, mlp_ratio=4.0))  # width = text width
 
-    c.loss = ml_collections.ConfigDict(dict(lambda_con=1.0, lambda_cap=2.0, gather="auto", label_smoothing=0.0))
+    # lambda_tag: weight of the auxiliary tagging loss (the tag head against the image's tags in data.tag_key;
+    # Tag2Text-style, not in the CoCa paper): 0 = CoCa's own objective. tag_loss: "sigmoid" (independent
+    # binary cross-entropies) or "softmax" (cross-entropy against the tags' uniform distribution).
+    c.loss = ml_collections.ConfigDict(dict(lambda_con=1.0, lambda_cap=2.0, gather="auto", label_smoothing=0.0,
+                                            lambda_tag=0.0, tag_loss="sigmoid"))
 
     c.data.name = "digit_scenes/scenes"
     c.data.data_dir = config_dict.placeholder(str)
@@ -57,6 +65,8 @@ def _base() -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.image_key = "image"
     c.data.text_key = "caption"  # the caption naming every digit, left to right
+    c.data.tag_key = config_dict.placeholder(str)  # with loss.lambda_tag: int [tag_slots] tag ids, -1 padded
+    c.data.tag_slots = 3
     c.data.label_key = config_dict.placeholder(str)
     c.data.image_size = 64
     c.data.context_length = 96
@@ -122,6 +132,21 @@ def _scenes(c):
     return c
 
 
+def _scenes_tagged(c):
+    """python experiments/train.py --config=configs/coca.py:scenes_tagged --workdir=/tmp/coca_scenes_tagged
+
+    `scenes` plus an auxiliary image-tagging loss (not in the CoCa paper; Tag2Text, Huang et al. 2023, Sec.
+    3.2, tags images with words parsed from their captions): a linear head on the mean ViT token predicts
+    the scene's digit multiset (`box_digits`, the digits its caption names), softmax cross-entropy against
+    it, weight 2. Pure captioning gradients teach this small ViT to read digits slowly (the supervised
+    control, experiments/digit_readout_control.py); the tag loss reaches the encoder directly."""
+    c = _scenes(c)
+    c.model.update(num_tags=10, tag_pool="mean")
+    c.loss.update(lambda_tag=2.0, tag_loss="softmax")
+    c.data.update(tag_key="box_digits", tag_slots=3)
+    return c
+
+
 def _coco(c, *, embed, vision, text, decoder_heads, pooler_heads):
     c.model.update(embed_dim=embed, scan=True, pooler="open_clip", num_queries=256, pooler_heads=pooler_heads,
                    legacy_cls_mask=False)
@@ -153,11 +178,11 @@ def _large_l14(c):
                  decoder_heads=12, pooler_heads=8)
 
 
-PRESETS = {"tiny": _tiny, "scenes": _scenes, "base": _base_b32, "large": _large_l14}
+PRESETS = {"tiny": _tiny, "scenes": _scenes, "scenes_tagged": _scenes_tagged, "base": _base_b32, "large": _large_l14}
 
 
 def get_config(arg: str = "scenes") -> ml_collections.ConfigDict:
-    """`arg` = preset name (tiny | scenes | base | large)."""
+    """`arg` = preset name (tiny | scenes | scenes_tagged | base | large)."""
     preset = arg or "scenes"
     if preset not in PRESETS:
         raise ValueError(f"Unknown CoCa preset {preset!r}; choose one of {sorted(PRESETS)}.")

@@ -91,6 +91,8 @@ class CoCa(nn.Module):
     pooler_heads: int = 8
     tie_embeddings: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
+    num_tags: int = 0  # > 0: an image tagging head on the ViT tokens (see `tag_logits`)
+    tag_pool: str = "mean"  # mean: logits of the mean token | max: per-token logits, max over tokens
     ln_eps: float = 1e-5
     dtype: Any = jnp.float32
 
@@ -110,11 +112,16 @@ class CoCa(nn.Module):
         self.ln_post = layers.LayerNorm(self.ln_eps)
         self.proj = self.param("proj", layers.normal(self.vision.width**-0.5, ("embed", "proj")),
                                (self.embed_dim, self.embed_dim))
+        if self.num_tags:
+            self.tag_head = layers.Projection((self.vision.width, self.num_tags), ("embed", "vocab"),
+                                              self.vision.width**-0.5, dtype=self.dtype)
 
     # ------------------------------------------------------------------ encoders
     def image_features(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """images [b, H, W, C] -> (image embedding [b, E] before normalisation, memory [b, M, E])."""
-        tokens = self.vision(images, train=train)["tokens"]
+        return self._pool(self.vision(images, train=train)["tokens"])
+
+    def _pool(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         if self.pooler == "open_clip":
             pooled = self.ln_post(self.attn_pool(tokens))
             latent, memory = pooled[:, 0], pooled[:, 1:]
@@ -122,6 +129,16 @@ class CoCa(nn.Module):
             tokens = self.ln_post(tokens)
             latent, memory = self.contrastive_pool(tokens)[:, 0], self.caption_pool(tokens)
         return latent @ self.proj.astype(latent.dtype), memory
+
+    def tag_logits(self, tokens: jax.Array) -> jax.Array:
+        """ViT tokens [b, n, d] -> image tag logits [b, num_tags]: an auxiliary tagging head (Tag2Text, Huang
+        et al. 2023, Sec. 3.2: tags parsed from the captions supervise the image encoder), not part of
+        CoCa's paper objective, off unless `num_tags` > 0. `tag_pool` "mean" scores the mean token; "max"
+        scores every token and keeps each tag's best (multiple-instance pooling: a tag is present where
+        one token shows it, so each token learns to name what it shows)."""
+        if self.tag_pool == "max":
+            return self.tag_head(tokens).max(axis=1)
+        return self.tag_head(tokens.mean(1))
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """[b, H, W, C] -> L2-normalised [b, E] (float32)."""
@@ -142,12 +159,17 @@ class CoCa(nn.Module):
         return self.decoder(tokens, memory, train=train, embedding=self._head())
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, Any]:
-        """Teacher forcing: "logits" [b, L-1, V] of text[:, :-1] predict text[:, 1:]."""
-        latent, memory = self.image_features(batch["image"], train)
+        """Teacher forcing: "logits" [b, L-1, V] of text[:, :-1] predict text[:, 1:]
+        (+ "tag_logits" [b, num_tags] when the tagging head is on)."""
+        tokens = self.vision(batch["image"], train=train)["tokens"]
+        latent, memory = self._pool(tokens)
         text = self.text(batch["text"], train=train)
         logits = self.decoder(text["tokens"][:, :-1], memory, train=train, embedding=self._head())
-        return {"image_embeds": l2_normalize(latent), "text_embeds": l2_normalize(text["embedding"]),
-                "logit_scale": self.logit_scale, "logits": logits}
+        out = {"image_embeds": l2_normalize(latent), "text_embeds": l2_normalize(text["embedding"]),
+               "logit_scale": self.logit_scale, "logits": logits}
+        if self.num_tags:
+            out["tag_logits"] = self.tag_logits(tokens)
+        return out
 
     # ------------------------------------------------------------------ generation
     def decode(self, images: jax.Array | None, ids: jax.Array, decode: str) -> jax.Array:

@@ -8,6 +8,7 @@ Config layout: colearn_jax/configs/coca.py.
 from __future__ import annotations
 
 import jax
+import optax
 
 from colearn_jax import sharding
 from colearn_jax.losses import contrastive, lm
@@ -37,7 +38,34 @@ def build_model(config) -> CoCa:
                                 mlp_ratio=d.get("mlp_ratio", 4.0), **common)
     return CoCa(vision=vision, text=text, decoder=decoder, embed_dim=m.embed_dim, pooler=m.pooler,
                 num_queries=m.num_queries, pooler_heads=m.pooler_heads, tie_embeddings=m.tie_embeddings,
-                init_logit_scale=m.init_logit_scale, dtype=dtype)
+                init_logit_scale=m.init_logit_scale, num_tags=m.get("num_tags", 0),
+                tag_pool=m.get("tag_pool", "mean"), dtype=dtype)
+
+
+def tag_key(config) -> str | None:
+    """The example field holding an image's tags (class ids, -1 padded) when the tagging loss is on."""
+    return config.data.get("tag_key") if config.loss.get("lambda_tag", 0.0) else None
+
+
+def tag_targets(ids: jax.Array, num_tags: int) -> jax.Array:
+    """ids int [b, slots] (-1 = no tag) -> multi-hot float32 [b, num_tags] (a tag named twice counts once)."""
+    return jax.nn.one_hot(ids, num_tags, dtype=jax.numpy.float32).max(axis=1)
+
+
+def example_batch(config, batch_size: int) -> dict:
+    batch = clip_system.example_batch(config, batch_size)
+    if key := tag_key(config):
+        batch[key] = jax.ShapeDtypeStruct((batch_size, int(config.data.tag_slots)), jax.numpy.int32)
+    return batch
+
+
+def make_train_data(config, ctx: DataContext):
+    from colearn_jax.data import make_train_iterator  # noqa: PLC0415 (imports TFDS and grain)
+
+    key = tag_key(config)
+    return make_train_iterator(config.data, clip_system.tokenizer(config), seed=ctx.seed,
+                               process_index=ctx.process_index, process_count=ctx.process_count,
+                               extra_keys=(key,) if key else ())
 
 
 def make_objective(config, mesh=None, rules=None):
@@ -45,13 +73,25 @@ def make_objective(config, mesh=None, rules=None):
     axes = sharding.batch_axes(rules) if rules is not None else ("data", "fsdp")
     kw = dict(gather=loss_cfg.gather, mesh=mesh, batch_axes=axes)
     lam_con, lam_cap, smoothing = float(loss_cfg.lambda_con), float(loss_cfg.lambda_cap), float(loss_cfg.label_smoothing)
+    lam_tag, key = float(loss_cfg.get("lambda_tag", 0.0)), tag_key(config)
 
     def objective(outputs, batch, rngs, step):
         con, metrics = contrastive.clip_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
                                              **kw)
         cap, cap_metrics = lm.caption_loss(outputs["logits"], batch["text"][:, 1:], pad_id=PAD_ID,
                                            label_smoothing=smoothing)
-        return lam_con * con + lam_cap * cap, {**metrics, **cap_metrics, "contrastive_loss": con}
+        loss, metrics = lam_con * con + lam_cap * cap, {**metrics, **cap_metrics, "contrastive_loss": con}
+        if key:
+            logits = outputs["tag_logits"].astype(jax.numpy.float32)
+            targets = tag_targets(batch[key], logits.shape[-1])
+            if loss_cfg.get("tag_loss", "sigmoid") == "softmax":
+                share = targets / jax.numpy.maximum(targets.sum(-1, keepdims=True), 1.0)  # untagged rows: 0
+                tag = optax.softmax_cross_entropy(logits, share).mean()
+            else:
+                tag = optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+            hit = jax.numpy.take_along_axis(targets, logits.argmax(-1)[:, None], -1).mean()  # best tag is present
+            loss, metrics = loss + lam_tag * tag, {**metrics, "tag_loss": tag, "tag_top1": hit}
+        return loss, metrics
 
     return objective
 
@@ -74,6 +114,11 @@ def validate_config(config) -> None:
                           "loss.label_smoothing": (0.0, 1.0, False)})
     if config.loss.gather not in contrastive.GATHER_MODES:
         raise ValueError(f"config.loss.gather={config.loss.gather!r}; choose one of {contrastive.GATHER_MODES}.")
+    if config.loss.get("lambda_tag", 0.0):
+        check_ranges(config, {"loss.lambda_tag": (0.0, float("inf"), True)})
+        if not config.data.get("tag_key"):
+            raise ValueError("config.loss.lambda_tag > 0 needs config.data.tag_key (the example field of tag ids).")
+        positive_ints(config, ("model.num_tags", "data.tag_slots"))
     shim = config.copy_and_resolve_references()
     shim.unlock()
     shim.model.vision.type = "vit"
@@ -141,8 +186,8 @@ def coca_system() -> System:
         name="coca",
         build_model=build_model,
         make_objective=make_objective,
-        example_batch=clip_system.example_batch,
-        make_train_data=clip_system.make_train_data,
+        example_batch=example_batch,
+        make_train_data=make_train_data,
         make_eval_data=clip_system.make_eval_data,
         make_evaluator=make_evaluator,
         describe_metrics=describe_metrics,
