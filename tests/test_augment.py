@@ -131,3 +131,26 @@ def test_background_swap_keeps_the_foreground_on_another_images_background():
     for i in range(n):
         np.testing.assert_allclose(out[i][inside[i]], 0.9)
         np.testing.assert_allclose(out[i][~inside[i]], float(backgrounds[(i + 1) % n, 0, 0, 0]), atol=1e-5)
+
+
+def test_affine_warp_is_exact_on_the_grid_and_random_affine_is_mild():
+    """No warp = the image; a quarter turn = np.rot90 (counter-clockwise as displayed); a shear moves the
+    top and bottom rows opposite ways; random_affine's default warps keep a centred blob near the centre."""
+    img = jnp.asarray(np.random.default_rng(0).random((9, 9, 3)), jnp.float32)
+    np.testing.assert_allclose(augment.affine_warp(img, 0.0, 1.0, 0.0), img, atol=1e-6)
+    np.testing.assert_allclose(augment.affine_warp(img, jnp.pi / 2, 1.0, 0.0), np.rot90(img, 1, axes=(0, 1)),
+                               atol=1e-5)
+    np.testing.assert_allclose(augment.affine_warp(img, 0.0, 2.0, 0.0)[4, 4], img[4, 4], atol=1e-6)  # centre fixed
+    line = jnp.zeros((9, 9, 1)).at[:, 4].set(1.0)  # a vertical line through the centre
+    sheared = np.asarray(augment.affine_warp(line, 0.0, 1.0, jnp.deg2rad(45.0)))[..., 0]
+    top, bottom = sheared[0].argmax(), sheared[-1].argmax()
+    assert top != bottom and abs((top - 4) + (bottom - 4)) <= 1  # opposite directions, the centre row fixed
+
+    blob = jnp.zeros((32, 32, 1)).at[12:20, 12:20].set(1.0)
+    keys = jax.random.split(jax.random.PRNGKey(0), 16)
+    warped = np.asarray(jax.vmap(augment.random_affine)(jnp.stack([blob] * 16), keys))[..., 0]
+    assert not np.allclose(warped[0], warped[1])  # each key its own warp
+    ys, xs = np.mgrid[0:32, 0:32]
+    for w in warped:
+        cy, cx = (w * ys).sum() / w.sum(), (w * xs).sum() / w.sum()
+        assert abs(cy - 15.5) < 0.5 and abs(cx - 15.5) < 0.5 and 0.7 < w.sum() / 64 < 1.3

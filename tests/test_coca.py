@@ -146,6 +146,27 @@ def test_tagging_head_and_loss(tag_loss):
             system.validate_config(bad)
 
 
+def test_affine_augmentation_is_an_on_device_batch_transform():
+    """augment.affine: training images are warped on device with the step's augment key (rows differ, the
+    same key gives the same batch); off (the default), CoCa needs no batch transform."""
+    from colearn_jax.models.coca_system import make_batch_transform  # noqa: PLC0415
+    from colearn_jax.train.rng import step_keys  # noqa: PLC0415
+
+    assert make_batch_transform(_config()) is None
+    config = _config()
+    config.augment.affine = True
+    transform = make_batch_transform(config)
+    batch = synthetic_clip_batch(config, batch_size=4, seed=2)
+    keys = step_keys(jax.random.PRNGKey(0), 3, ("dropout", "augment"))
+    out = transform(batch, keys, 3)
+    assert out["image"].shape == batch["image"].shape and out["image"].dtype == batch["image"].dtype
+    np.testing.assert_array_equal(out["text"], batch["text"])
+    assert not np.allclose(out["image"], batch["image"], atol=1e-3)
+    np.testing.assert_array_equal(transform(batch, keys, 3)["image"], out["image"])
+    other = transform(batch, step_keys(jax.random.PRNGKey(0), 4, ("dropout", "augment")), 4)["image"]
+    assert not np.allclose(other, out["image"], atol=1e-3)
+
+
 def test_scenes_tagged_pipeline_carries_the_digits_its_captions_name():
     """`scenes_tagged`: the train pipeline carries each scene's `box_digits`, and they are the digits the
     caption names (the caption lists every digit; "one/two/three digits:" opens it)."""
@@ -167,6 +188,25 @@ def test_scenes_tagged_pipeline_carries_the_digits_its_captions_name():
         words = captioning.decode_generated(ids[None], tok)[0].replace(",", " ").split()
         named = sorted(names.index(w) for w in words[2:] if w in names)  # words[:2]: "two digits:"
         assert named == sorted(int(d) for d in row if d >= 0), (words, row)
+
+
+def test_lever_study_reads_digits_under_teacher_forcing():
+    """experiments/coca_digit_levers.py: only digit words after the first word count (not the count word),
+    per digit and per caption; and its --set overrides parse Python literals into the preset."""
+    from tests.helpers import load_experiment  # noqa: PLC0415
+
+    levers = load_experiment("coca_digit_levers")
+    start, digits = 9, np.arange(20, 30)  # digit word d has id 20 + d
+    text = np.array([[9, 21, 5, 6, 23, 7, 0],     # "one digit: ... three": count word 1, digit 3
+                     [9, 22, 5, 24, 6, 27, 8]])   # "two digits: ... four ... seven"
+    logits = np.zeros((2, 6, 40))
+    logits[0, 3, 23] = logits[1, 2, 24] = logits[1, 4, 20] = 1.0  # right 3, right 4, wrong 7 (says 0)
+    per_digit, every = levers.digit_reading(logits, text, digits, start)
+    assert np.isclose(per_digit, 2 / 3) and np.isclose(every, 0.5)
+    config = levers.make_config("scenes", ["loss.lambda_tag=4.0", "model.tag_pool=max", "augment.scale=(0.8, 1.2)"],
+                                 30)
+    assert (config.loss.lambda_tag, config.model.tag_pool, tuple(config.augment.scale), config.train.num_steps) == (
+        4.0, "max", (0.8, 1.2), 30)
 
 
 def test_presets_validate_and_have_their_command():

@@ -78,6 +78,8 @@ def _base() -> ml_collections.ConfigDict:
     c.data.cache_decoded = True
     c.data.mixture = []
     c.data.normalize_on_device = False
+    # on-device augmentation of training images: affine = a small random rotation (degrees), scale and shear
+    c.augment = ml_collections.ConfigDict(dict(affine=False, rotate=10.0, scale=(0.9, 1.1), shear=10.0))
 
     c.optim.update(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_steps=100,
                    schedule="cosine", end_lr_factor=0.0, grad_clip_norm=1.0)
@@ -138,12 +140,16 @@ def _scenes_tagged(c):
     `scenes` plus an auxiliary image-tagging loss (not in the CoCa paper; Tag2Text, Huang et al. 2023, Sec.
     3.2, tags images with words parsed from their captions): a linear head on the mean ViT token predicts
     the scene's digit multiset (`box_digits`, the digits its caption names), softmax cross-entropy against
-    it, weight 2. Pure captioning gradients teach this small ViT to read digits slowly (the supervised
-    control, experiments/digit_readout_control.py); the tag loss reaches the encoder directly."""
+    it, weight 4; and small random affine warps of the training images (rotation 10 deg, scale 0.9-1.1,
+    shear 10 deg: new handwriting, same caption). Pure captioning gradients teach this small ViT to read
+    digits slowly (the supervised control, experiments/digit_readout_control.py); the tag loss reaches the
+    encoder directly. 3000 steps of batch 64: ~17 min on a 2-core CPU with the evaluations."""
     c = _scenes(c)
     c.model.update(num_tags=10, tag_pool="mean")
-    c.loss.update(lambda_tag=2.0, tag_loss="softmax")
+    c.loss.update(lambda_tag=4.0, tag_loss="softmax")
     c.data.update(tag_key="box_digits", tag_slots=3)
+    c.augment.affine = True
+    c.train.update(num_steps=3000, eval_every=1000, checkpoint_every=1000)
     return c
 
 

@@ -18,6 +18,8 @@ parameters follow the reference implementation (google-research/simclr, data_uti
 
 Beyond the paper, for data with foreground masks: `background_swap` (Ryali, Schwab & Morcos 2021) puts
 each image's foreground on another image's background, whose own foreground `erase` fills in first.
+For handwriting: `random_affine`, a small rotation / scale / shear about the centre (the affine
+distortions of Simard, Steinkraus & Platt 2003, Sec. 2), which keeps an image's caption true.
 """
 from __future__ import annotations
 
@@ -203,6 +205,33 @@ def background_swap(images, masks, shift, plates=None):
     m = masks.astype(images.dtype)[..., None]
     plates = jax.vmap(erase)(images, masks) if plates is None else plates
     return m * images + (1.0 - m) * jnp.roll(plates, -shift, axis=0)  # row i: plate (i + shift) mod N
+
+
+def affine_warp(image, angle, scale, shear):
+    """`image` [H, W, C] rotated by `angle` (radians, counter-clockwise as displayed), scaled by `scale` and
+    sheared by `shear` (radians, along x) about its centre; bilinear, edge pixels repeated outside."""
+    from jax.scipy.ndimage import map_coordinates  # noqa: PLC0415
+
+    h, w = image.shape[:2]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    forward = scale * jnp.stack([jnp.stack([cos, -sin]), jnp.stack([sin, cos])]) @ jnp.stack(
+        [jnp.stack([jnp.ones_like(shear), jnp.tan(shear)]), jnp.stack([jnp.zeros_like(shear), jnp.ones_like(shear)])])
+    inverse = jnp.linalg.inv(forward)  # (x, y) offsets from the centre, y pointing up
+    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=image.dtype), jnp.arange(w, dtype=image.dtype), indexing="ij")
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    src = jnp.einsum("ij,jhw->ihw", inverse, jnp.stack([xx - cx, cy - yy]))
+    coords = [cy - src[1], src[0] + cx]
+    return jnp.stack([map_coordinates(image[..., c], coords, order=1, mode="nearest")
+                      for c in range(image.shape[-1])], -1)
+
+
+def random_affine(image, key, rotate: float = 10.0, scale=(0.9, 1.1), shear: float = 10.0):
+    """`affine_warp` with angle U(-rotate, rotate) degrees, scale U(*scale), shear U(-shear, shear) degrees."""
+    k_angle, k_scale, k_shear = jax.random.split(key, 3)
+    angle = jnp.deg2rad(jax.random.uniform(k_angle, (), minval=-rotate, maxval=rotate))
+    factor = jax.random.uniform(k_scale, (), minval=scale[0], maxval=scale[1])
+    skew = jnp.deg2rad(jax.random.uniform(k_shear, (), minval=-shear, maxval=shear))
+    return affine_warp(image, angle, factor, skew)
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -59,6 +59,28 @@ def example_batch(config, batch_size: int) -> dict:
     return batch
 
 
+def make_batch_transform(config):
+    """On device, first thing in the step: CLIP-normalise uint8 images (`data.normalize_on_device`), then,
+    with `augment.affine`, warp each image by a small random rotation / scale / shear (the caption stays
+    true: the layout keeps its left-to-right order for small angles)."""
+    normalise = clip_system.make_batch_transform(config)
+    aug = config.get("augment")
+    if not (aug and aug.get("affine")):
+        return normalise
+    from colearn_jax.data import augment  # noqa: PLC0415
+    from colearn_jax.train.rng import per_example_keys  # noqa: PLC0415
+
+    warp = jax.vmap(lambda image, key: augment.random_affine(image, key, aug.rotate, tuple(aug.scale), aug.shear))
+
+    def transform(batch, rngs, step):
+        batch = normalise(batch, rngs, step) if normalise is not None else batch
+        images = batch["image"]
+        keys = per_example_keys(rngs["augment"], images.shape[0])
+        return {**batch, "image": warp(images.astype(jax.numpy.float32), keys).astype(images.dtype)}
+
+    return transform
+
+
 def make_train_data(config, ctx: DataContext):
     from colearn_jax.data import make_train_iterator  # noqa: PLC0415 (imports TFDS and grain)
 
@@ -192,8 +214,8 @@ def coca_system() -> System:
         make_evaluator=make_evaluator,
         describe_metrics=describe_metrics,
         validate_config=validate_config,
-        rng_streams=("dropout",),
-        make_batch_transform=clip_system.make_batch_transform,
+        rng_streams=("dropout", "augment"),
+        make_batch_transform=make_batch_transform,
         constrain_params=clamp_logit_scale,
         resume_free_keys=("data.data_dir", "data.vocab_path", "data.eval_split", "model.remat_policy",
                           "model.attention_impl", "eval.*"),
