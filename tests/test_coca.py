@@ -136,7 +136,9 @@ def test_tagging_head_and_loss(tag_loss):
     assert (np.asarray(maxed) >= np.asarray(out["tag_logits"]) - 1e-5).all()
     assert not np.allclose(maxed, out["tag_logits"], atol=1e-3)
 
-    for key, value, match in (("data.tag_key", None, "config.data.tag_key"), ("model.num_tags", 0, "model.num_tags")):
+    for key, value, match in (("data.tag_key", None, "config.data.tag_key"), ("model.num_tags", 0, "model.num_tags"),
+                              ("loss.tag_loss", "focal", "config.loss.tag_loss"),
+                              ("model.tag_pool", "attention", "config.model.tag_pool")):
         bad = _config(num_tags=10)
         bad.loss.update(lambda_tag=1.0)
         bad.data.update(tag_key="tags")

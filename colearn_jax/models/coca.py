@@ -138,6 +138,8 @@ class CoCa(nn.Module):
         one token shows it, so each token learns to name what it shows)."""
         if self.tag_pool == "max":
             return self.tag_head(tokens).max(axis=1)
+        if self.tag_pool != "mean":
+            raise ValueError(f"CoCa.tag_pool={self.tag_pool!r}; choose 'mean' or 'max'.")
         return self.tag_head(tokens.mean(1))
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:

@@ -3,11 +3,16 @@
 config checks and its evaluator (zero-shot classification through the contrastive path, captions
 through the decoding engine).
 
+Beyond the paper, both off by default: + λ_tag · an image-tagging loss (Tag2Text-style: the tag head
+against the tag ids an example carries in `data.tag_key`), and on-device affine warps of the training
+images (`augment.affine`).
+
 Config layout: colearn_jax/configs/coca.py.
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from colearn_jax import sharding
@@ -16,6 +21,8 @@ from colearn_jax.models import DataContext, System, clip_system, register
 from colearn_jax.models.coca import POOLERS, CoCa, MultimodalDecoder, clamp_logit_scale, decode_fns
 
 PAD_ID = 0  # both tokenizers pad with 0
+TAG_LOSSES = ("softmax", "sigmoid")
+TAG_POOLS = ("mean", "max")
 
 
 def build_model(config) -> CoCa:
@@ -49,13 +56,13 @@ def tag_key(config) -> str | None:
 
 def tag_targets(ids: jax.Array, num_tags: int) -> jax.Array:
     """ids int [b, slots] (-1 = no tag) -> multi-hot float32 [b, num_tags] (a tag named twice counts once)."""
-    return jax.nn.one_hot(ids, num_tags, dtype=jax.numpy.float32).max(axis=1)
+    return jax.nn.one_hot(ids, num_tags, dtype=jnp.float32).max(axis=1)
 
 
 def example_batch(config, batch_size: int) -> dict:
     batch = clip_system.example_batch(config, batch_size)
     if key := tag_key(config):
-        batch[key] = jax.ShapeDtypeStruct((batch_size, int(config.data.tag_slots)), jax.numpy.int32)
+        batch[key] = jax.ShapeDtypeStruct((batch_size, int(config.data.tag_slots)), jnp.int32)
     return batch
 
 
@@ -76,7 +83,7 @@ def make_batch_transform(config):
         batch = normalise(batch, rngs, step) if normalise is not None else batch
         images = batch["image"]
         keys = per_example_keys(rngs["augment"], images.shape[0])
-        return {**batch, "image": warp(images.astype(jax.numpy.float32), keys).astype(images.dtype)}
+        return {**batch, "image": warp(images.astype(jnp.float32), keys).astype(images.dtype)}
 
     return transform
 
@@ -104,14 +111,14 @@ def make_objective(config, mesh=None, rules=None):
                                            label_smoothing=smoothing)
         loss, metrics = lam_con * con + lam_cap * cap, {**metrics, **cap_metrics, "contrastive_loss": con}
         if key:
-            logits = outputs["tag_logits"].astype(jax.numpy.float32)
+            logits = outputs["tag_logits"].astype(jnp.float32)
             targets = tag_targets(batch[key], logits.shape[-1])
             if loss_cfg.get("tag_loss", "sigmoid") == "softmax":
-                share = targets / jax.numpy.maximum(targets.sum(-1, keepdims=True), 1.0)  # untagged rows: 0
+                share = targets / jnp.maximum(targets.sum(-1, keepdims=True), 1.0)  # untagged rows: 0
                 tag = optax.softmax_cross_entropy(logits, share).mean()
             else:
                 tag = optax.sigmoid_binary_cross_entropy(logits, targets).mean()
-            hit = jax.numpy.take_along_axis(targets, logits.argmax(-1)[:, None], -1).mean()  # best tag is present
+            hit = jnp.take_along_axis(targets, logits.argmax(-1)[:, None], -1).mean()  # best tag is present
             loss, metrics = loss + lam_tag * tag, {**metrics, "tag_loss": tag, "tag_top1": hit}
         return loss, metrics
 
@@ -141,6 +148,10 @@ def validate_config(config) -> None:
         if not config.data.get("tag_key"):
             raise ValueError("config.loss.lambda_tag > 0 needs config.data.tag_key (the example field of tag ids).")
         positive_ints(config, ("model.num_tags", "data.tag_slots"))
+        if config.loss.get("tag_loss", "sigmoid") not in TAG_LOSSES:
+            raise ValueError(f"config.loss.tag_loss={config.loss.tag_loss!r}; choose one of {TAG_LOSSES}.")
+    if m.get("tag_pool", "mean") not in TAG_POOLS:
+        raise ValueError(f"config.model.tag_pool={m.tag_pool!r}; choose one of {TAG_POOLS}.")
     shim = config.copy_and_resolve_references()
     shim.unlock()
     shim.model.vision.type = "vit"
