@@ -9,6 +9,10 @@ handwriting) and 500 training scenes: per digit (`*_digit`) and per caption, eve
 the teacher-forced analogue of the evaluator's `caption_digits_correct`). One 1000-step run takes 5-8 minutes
 on a 2-core CPU, a third of a full preset run, so levers can be compared before a full run
 (experiments/coca_scenes.py gives the real figures: greedy captions of the whole test split).
+
+`--checkpoint=<workdir>` trains nothing: it measures a finished run's checkpoint the same way (its own
+config), e.g. the train-validation gap at the end of a full run:
+  python experiments/coca_digit_levers.py --checkpoint=/tmp/coca_scenes/coca_tagged --examples=1000
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("every", 250, "Measure every this many steps.")
     flags.DEFINE_integer("examples", 500, "Scenes per measured split.")
     flags.DEFINE_string("out", "", "Write the curve as JSON here.")
+    flags.DEFINE_string("checkpoint", "", "Measure this workdir's latest checkpoint instead of training.")
 FLAGS = flags.FLAGS
 
 
@@ -57,11 +62,17 @@ def main(argv):
     from colearn_jax.models import DataContext, clip_system  # noqa: PLC0415
     from colearn_jax.train.program import TrainProgram  # noqa: PLC0415
 
-    config = _CONFIG.value
-    config.unlock()
-    config.train.num_steps = FLAGS.steps
-    program = TrainProgram.build(config)
-    state = program.init_state()
+    if FLAGS.checkpoint:
+        import colearn_jax  # noqa: PLC0415
+
+        model, variables, config = colearn_jax.load(FLAGS.checkpoint)
+        program = None
+    else:
+        config = _CONFIG.value
+        config.unlock()
+        config.train.num_steps = FLAGS.steps
+        program = TrainProgram.build(config)
+        model = program.model
     tok = clip_system.tokenizer(config)
     length = config.data.context_length
     encode = lambda word: [int(t) for t in np.asarray(tok([word], length)[0]) if t]  # noqa: E731
@@ -78,7 +89,7 @@ def main(argv):
         return {k: np.concatenate([r[k] for r in rows])[:FLAGS.examples] for k in ("image", "text")}
 
     splits = {"val": collect("validation"), "train": collect("train")}
-    logits_fn = jax.jit(lambda params, images, text: program.model.apply(
+    logits_fn = jax.jit(lambda params, images, text: model.apply(
         {"params": params}, {"image": images, "text": text})["logits"])
 
     def measure(params, data):
@@ -86,6 +97,17 @@ def main(argv):
                                data["text"][i:i + 100], digit_ids, start_id) for i in range(0, len(data["text"]), 100)]
         return tuple(float(np.mean(p)) for p in zip(*parts))
 
+    if program is None:
+        record = {"checkpoint": FLAGS.checkpoint}
+        for name, data in splits.items():
+            digit, every = measure(variables["params"], data)
+            record.update({f"{name}_digit": round(digit, 3), f"{name}_all": round(every, 3)})
+        print(record, flush=True)
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump({"config": config.to_dict(), "checkpoint": record}, f, indent=1, default=str)
+        return
+    state = program.init_state()
     train_data = program.system.make_train_data(config, ctx)
     curve, t0 = [], time.time()
     for step in range(1, FLAGS.steps + 1):

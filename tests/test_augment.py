@@ -154,3 +154,33 @@ def test_affine_warp_is_exact_on_the_grid_and_random_affine_is_mild():
     for w in warped:
         cy, cx = (w * ys).sum() / w.sum(), (w * xs).sum() / w.sum()
         assert abs(cy - 15.5) < 0.5 and abs(cx - 15.5) < 0.5 and 0.7 < w.sum() / 64 < 1.3
+
+
+def test_elastic_distortion_moves_each_pixel_by_its_smooth_displacement():
+    """An image whose channels are its own row and column coordinates, warped by a displacement field
+    alone, returns coordinates + field (bilinear sampling is exact on linear images): the field is what
+    moves the pixels. It peaks at alpha pixels, is smooth (neighbours differ by under alpha / 2; raw noise
+    at that peak: up to ~6), and each key draws its own; random_affine with elastic_alpha = 0 is the plain
+    affine warp."""
+    h = w = 32
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+    coords_image = jnp.asarray(np.stack([rows, cols], -1))
+    field = np.asarray(augment.elastic_displacement(jax.random.PRNGKey(0), (h, w), alpha=3.0, sigma=3.0))
+    assert field.shape == (2, h, w)
+    np.testing.assert_allclose(np.abs(field).max(), 3.0, rtol=1e-4)
+    assert np.abs(np.diff(field, axis=1)).max() < 1.5 and np.abs(np.diff(field, axis=2)).max() < 1.5  # raw noise: ~6
+    other = np.asarray(augment.elastic_displacement(jax.random.PRNGKey(1), (h, w), alpha=3.0, sigma=3.0))
+    assert np.abs(field - other).max() > 1.0
+
+    warped = np.asarray(augment.affine_warp(coords_image, 0.0, 1.0, 0.0, displacement=jnp.asarray(field)))
+    src = np.stack([rows, cols]) + field
+    inside = (src[0] >= 0) & (src[0] <= h - 1) & (src[1] >= 0) & (src[1] <= w - 1)  # not clamped at an edge
+    assert inside.mean() > 0.8
+    np.testing.assert_allclose(warped[..., 0][inside], src[0][inside], atol=1e-4)
+    np.testing.assert_allclose(warped[..., 1][inside], src[1][inside], atol=1e-4)
+
+    img = jnp.asarray(np.random.default_rng(0).random((h, w, 3)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    plain = augment.random_affine(img, key)
+    np.testing.assert_array_equal(augment.random_affine(img, key, elastic_alpha=0.0), plain)
+    assert np.abs(np.asarray(augment.random_affine(img, key, elastic_alpha=3.0)) - np.asarray(plain)).max() > 0.1

@@ -23,9 +23,10 @@ def _config(**model):
     return c
 
 
-@pytest.mark.parametrize("pooler,tie", [("open_clip", False), ("paper", True)])
-def test_shapes_axis_names_and_cached_captions(pooler, tie):
+@pytest.mark.parametrize("pooler,tie,memory_ln", [("open_clip", False, True), ("paper", True, False)])
+def test_shapes_axis_names_and_cached_captions(pooler, tie, memory_ln):
     config = _config(pooler=pooler, tie_embeddings=tie, legacy_cls_mask=pooler == "open_clip")
+    config.model.decoder.memory_ln = memory_ln
     system = get_system("coca")
     system.validate_config(config)
     model = system.build_model(config)
@@ -41,6 +42,8 @@ def test_shapes_axis_names_and_cached_captions(pooler, tie):
     assert ("text_projection" in params["decoder"]) != tie
     assert ("attn_pool" in params) == (pooler == "open_clip")
     assert ("contrastive_pool" in params and "caption_pool" in params) == (pooler == "paper")
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params["decoder"])[0]]
+    assert any("ln_memory" in p for p in paths) == memory_ln
     out = model.apply(variables, batch)
     b, length, vocab = 4, config.data.context_length, config.model.text.vocab_size
     assert out["logits"].shape == (b, length - 1, vocab)
@@ -150,7 +153,8 @@ def test_tagging_head_and_loss(tag_loss):
 
 def test_affine_augmentation_is_an_on_device_batch_transform():
     """augment.affine: training images are warped on device with the step's augment key (rows differ, the
-    same key gives the same batch); off (the default), CoCa needs no batch transform."""
+    same key gives the same batch; augment.elastic_alpha adds an elastic distortion); off (the default),
+    CoCa needs no batch transform."""
     from colearn_jax.models.coca_system import make_batch_transform  # noqa: PLC0415
     from colearn_jax.train.rng import step_keys  # noqa: PLC0415
 
@@ -167,6 +171,9 @@ def test_affine_augmentation_is_an_on_device_batch_transform():
     np.testing.assert_array_equal(transform(batch, keys, 3)["image"], out["image"])
     other = transform(batch, step_keys(jax.random.PRNGKey(0), 4, ("dropout", "augment")), 4)["image"]
     assert not np.allclose(other, out["image"], atol=1e-3)
+    config.augment.elastic_alpha = 3.0  # + an elastic distortion, in the same resampling
+    elastic = make_batch_transform(config)(batch, keys, 3)["image"]
+    assert elastic.shape == out["image"].shape and not np.allclose(elastic, out["image"], atol=1e-3)
 
 
 def test_scenes_tagged_pipeline_carries_the_digits_its_captions_name():

@@ -18,8 +18,9 @@ parameters follow the reference implementation (google-research/simclr, data_uti
 
 Beyond the paper, for data with foreground masks: `background_swap` (Ryali, Schwab & Morcos 2021) puts
 each image's foreground on another image's background, whose own foreground `erase` fills in first.
-For handwriting: `random_affine`, a small rotation / scale / shear about the centre (the affine
-distortions of Simard, Steinkraus & Platt 2003, Sec. 2), which keeps an image's caption true.
+For handwriting: `random_affine`, a small rotation / scale / shear about the centre, optionally with an
+elastic distortion (the affine and elastic distortions of Simard, Steinkraus & Platt 2003, Sec. 2), which
+keeps an image's caption true.
 """
 from __future__ import annotations
 
@@ -207,9 +208,11 @@ def background_swap(images, masks, shift, plates=None):
     return m * images + (1.0 - m) * jnp.roll(plates, -shift, axis=0)  # row i: plate (i + shift) mod N
 
 
-def affine_warp(image, angle, scale, shear):
+def affine_warp(image, angle, scale, shear, displacement=None):
     """`image` [H, W, C] rotated by `angle` (radians, counter-clockwise as displayed), scaled by `scale` and
-    sheared by `shear` (radians, along x) about its centre; bilinear, edge pixels repeated outside."""
+    sheared by `shear` (radians, along x) about its centre; bilinear, edge pixels repeated outside.
+    `displacement` [2, H, W] (rows, columns; pixels) is added to every output pixel's source position
+    (`elastic_displacement`), so an affine and an elastic distortion cost one resampling."""
     from jax.scipy.ndimage import map_coordinates  # noqa: PLC0415
 
     h, w = image.shape[:2]
@@ -220,18 +223,38 @@ def affine_warp(image, angle, scale, shear):
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=image.dtype), jnp.arange(w, dtype=image.dtype), indexing="ij")
     cy, cx = (h - 1) / 2, (w - 1) / 2
     src = jnp.einsum("ij,jhw->ihw", inverse, jnp.stack([xx - cx, cy - yy]))
-    coords = [cy - src[1], src[0] + cx]
-    return jnp.stack([map_coordinates(image[..., c], coords, order=1, mode="nearest")
+    coords = jnp.stack([cy - src[1], src[0] + cx])
+    if displacement is not None:
+        coords = coords + displacement.astype(coords.dtype)
+    return jnp.stack([map_coordinates(image[..., c], list(coords), order=1, mode="nearest")
                       for c in range(image.shape[-1])], -1)
 
 
-def random_affine(image, key, rotate: float = 10.0, scale=(0.9, 1.1), shear: float = 10.0):
-    """`affine_warp` with angle U(-rotate, rotate) degrees, scale U(*scale), shear U(-shear, shear) degrees."""
+def elastic_displacement(key, shape, alpha: float, sigma: float):
+    """An elastic distortion's displacement field [2, H, W] for an image of `shape` (H, W): per pixel
+    U(-1, 1) noise, smoothed by a Gaussian of `sigma` pixels, scaled to `alpha` pixels at its peak
+    (Simard, Steinkraus & Platt 2003, Sec. 2: new handwriting from old; they scale the smoothed
+    field by alpha itself, whose size then depends on sigma - normalising the peak keeps `alpha` in
+    pixels whatever the smoothing)."""
+    h, w = shape
+    noise = jax.random.uniform(key, (h, w, 2), minval=-1.0, maxval=1.0)
+    field = gaussian_blur(noise, sigma, 2 * int(math.ceil(2 * sigma)) + 1)
+    field = field / (jnp.abs(field).max() + 1e-6)
+    return alpha * field.transpose(2, 0, 1)
+
+
+def random_affine(image, key, rotate: float = 10.0, scale=(0.9, 1.1), shear: float = 10.0,
+                  elastic_alpha: float = 0.0, elastic_sigma: float = 4.0):
+    """`affine_warp` with angle U(-rotate, rotate) degrees, scale U(*scale), shear U(-shear, shear) degrees;
+    with `elastic_alpha` > 0 pixels, an elastic distortion too (`elastic_displacement`)."""
     k_angle, k_scale, k_shear = jax.random.split(key, 3)
     angle = jnp.deg2rad(jax.random.uniform(k_angle, (), minval=-rotate, maxval=rotate))
     factor = jax.random.uniform(k_scale, (), minval=scale[0], maxval=scale[1])
     skew = jnp.deg2rad(jax.random.uniform(k_shear, (), minval=-shear, maxval=shear))
-    return affine_warp(image, angle, factor, skew)
+    displacement = None
+    if elastic_alpha:
+        displacement = elastic_displacement(jax.random.fold_in(key, 1), image.shape[:2], elastic_alpha, elastic_sigma)
+    return affine_warp(image, angle, factor, skew, displacement)
 
 
 # ----------------------------------------------------------------------------- the pipeline

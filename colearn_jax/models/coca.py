@@ -53,6 +53,7 @@ class MultimodalDecoder(nn.Module):
     remat_policy: str = "none"
     attention_impl: str | None = None
     dropout: float = 0.0
+    memory_ln: bool = True  # LayerNorm the memory in each cross-attention (open_clip's layout; its weights need it)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -61,7 +62,7 @@ class MultimodalDecoder(nn.Module):
         ties the head to the token embedding."""
         cfg = BlockConfig.clip_init(
             self.num_heads, self.width, self.num_layers, mlp_dim=int(self.width * self.mlp_ratio),
-            activation=self.activation, ln_eps=self.ln_eps, causal=True, memory_ln=True,
+            activation=self.activation, ln_eps=self.ln_eps, causal=True, memory_ln=self.memory_ln,
             attention_impl=self.attention_impl, dropout=self.dropout,
         )
         x = TransformerStack(

@@ -42,7 +42,7 @@ def build_model(config) -> CoCa:
                            output_dim=m.embed_dim, cls_token=True, pad_id=PAD_ID, legacy_cls_mask=m.legacy_cls_mask,
                            **common)
     decoder = MultimodalDecoder(vocab_size=t.vocab_size, width=t.width, num_layers=d.layers, num_heads=d.heads,
-                                mlp_ratio=d.get("mlp_ratio", 4.0), **common)
+                                mlp_ratio=d.get("mlp_ratio", 4.0), memory_ln=d.get("memory_ln", True), **common)
     return CoCa(vision=vision, text=text, decoder=decoder, embed_dim=m.embed_dim, pooler=m.pooler,
                 num_queries=m.num_queries, pooler_heads=m.pooler_heads, tie_embeddings=m.tie_embeddings,
                 init_logit_scale=m.init_logit_scale, num_tags=m.get("num_tags", 0),
@@ -68,8 +68,9 @@ def example_batch(config, batch_size: int) -> dict:
 
 def make_batch_transform(config):
     """On device, first thing in the step: CLIP-normalise uint8 images (`data.normalize_on_device`), then,
-    with `augment.affine`, warp each image by a small random rotation / scale / shear (the caption stays
-    true: the layout keeps its left-to-right order for small angles)."""
+    with `augment.affine`, warp each image by a small random rotation / scale / shear, and an elastic
+    distortion with `augment.elastic_alpha` > 0 (the caption stays true: the layout keeps its
+    left-to-right order for small angles and displacements)."""
     normalise = clip_system.make_batch_transform(config)
     aug = config.get("augment")
     if not (aug and aug.get("affine")):
@@ -77,7 +78,8 @@ def make_batch_transform(config):
     from colearn_jax.data import augment  # noqa: PLC0415
     from colearn_jax.train.rng import per_example_keys  # noqa: PLC0415
 
-    warp = jax.vmap(lambda image, key: augment.random_affine(image, key, aug.rotate, tuple(aug.scale), aug.shear))
+    warp = jax.vmap(lambda image, key: augment.random_affine(
+        image, key, aug.rotate, tuple(aug.scale), aug.shear, aug.get("elastic_alpha", 0.0), aug.get("elastic_sigma", 4.0)))
 
     def transform(batch, rngs, step):
         batch = normalise(batch, rngs, step) if normalise is not None else batch
