@@ -13,14 +13,14 @@ correctness and memory studies, never timing, so a late thread is waited for ins
 minutes, not hang a CI job until its wall-clock limit. Tests also dispatch synchronously
 (`jax_cpu_enable_async_dispatch=False`, tests/conftest.py), so no two programs' device threads interleave.
 
-That deadlock is real and not a slow thread: XLA:CPU's *concurrency-optimized* HLO scheduler (on by
-default) lets a device run independent collectives in either order — in the BatchNorm case, the ResNet
-tower's statistics all-reduce beside the scanned text tower's FSDP all-gathers — so two device threads
-can each wait in a different rendezvous for the other, forever (seen in stack dumps: devices split
-between an AllGather and an AllReduce inside a WhileThunk). A repro (8 simulated devices,
-that test's FSDP train step in a loop) deadlocked within 8-21 steps in each of 5 runs; with
-`--xla_cpu_enable_concurrency_optimized_scheduler=false` it ran 300 and 500 steps clean. So simulated
-devices turn that scheduler off (a CPU-only flag; it does not touch GPU or TPU compilation).
+That deadlock is real, not a slow thread (stop 14, stack dumps with py-spy / gdb): the 8 device threads
+wait in *different* rendezvous — some in an AllGather, some in an AllReduce inside a WhileThunk — because
+XLA:CPU's thunk executor may run independent collectives in either order on different devices. Looping
+tests/test_sharding.py's BatchNorm FSDP step reproduces it within 8-21 steps (5 of 5 runs).
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` removes that one (300 and 500 steps clean) but
+creates another: the cube-mesh ring-loss step (`gather="ring"`, fsdp_tp) then deadlocks, which it does
+not without the flag (60 steps clean, twice). No process-wide flag found fixes both, so none is set;
+a fix would give the BatchNorm case its own process with the flag.
 """
 from __future__ import annotations
 
@@ -41,8 +41,7 @@ def simulate(num_devices: int) -> None:
                            "first jax.devices(), array or jit).")
     extra = [f"--xla_force_host_platform_device_count={num_devices}",
              f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}",
-             f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}",
-             "--xla_cpu_enable_concurrency_optimized_scheduler=false"]  # collectives in program order
+             f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}"]
     os.environ["XLA_FLAGS"] = " ".join([flags] + [f for f in extra if f.split("=")[0] not in flags]).strip()
 
 
