@@ -5,7 +5,7 @@ through the decoding engine).
 
 Beyond the paper, both off by default: + λ_tag · an image-tagging loss (Tag2Text-style: the tag head
 against the tag ids an example carries in `data.tag_key`), and on-device affine warps of the training
-images (`augment.affine`).
+images (`augment.affine`, with an optional elastic distortion: `augment.elastic_alpha`).
 
 Config layout: colearn_jax/configs/coca.py.
 """
