@@ -13,14 +13,18 @@ correctness and memory studies, never timing, so a late thread is waited for ins
 minutes, not hang a CI job until its wall-clock limit. Tests also dispatch synchronously
 (`jax_cpu_enable_async_dispatch=False`, tests/conftest.py), so no two programs' device threads interleave.
 
-That deadlock is real, not a slow thread (stop 14, stack dumps with py-spy / gdb): the 8 device threads
-wait in *different* rendezvous — some in an AllGather, some in an AllReduce inside a WhileThunk — because
-XLA:CPU's thunk executor may run independent collectives in either order on different devices. Looping
-tests/test_sharding.py's BatchNorm FSDP step reproduces it within 8-21 steps (5 of 5 runs).
-`--xla_cpu_enable_concurrency_optimized_scheduler=false` removes that one (300 and 500 steps clean) but
-creates another: the cube-mesh ring-loss step (`gather="ring"`, fsdp_tp) then deadlocks, which it does
-not without the flag (60 steps clean, twice). No process-wide flag found fixes both, so none is set;
-a fix would give the BatchNorm case its own process with the flag.
+That deadlock is real, not a slow thread, and its cause is *thread starvation*. Every device's program
+runs on worker threads of one client-wide pool, sized by default to the host's cores (2 on the CI
+runner), and a device that waits in a rendezvous keeps its thread blocked; XLA:CPU's thunk executor may
+also run a device's independent collectives side by side, each holding a thread (stack dumps of
+tests/test_sharding.py's BatchNorm FSDP step, stop 14-15: device 0 waited in two all-gathers and an
+all-reduce at once while devices 1, 3, 5, 7 waited in none — they had no thread left to reach them).
+Looping that step deadlocks within 1-21 steps (7 of 7 runs) with the default pool and with
+`PJRT_NPROC=8`, and runs clean with `PJRT_NPROC=16` (150 steps) and 32 (80 + 300 steps; the cube-mesh
+ring-loss step too, 100 steps, even with the concurrency-optimized scheduler off, which had deadlocked it).
+So `simulate` gives the pool `THREADS_PER_DEVICE` threads per simulated device (XLA reads `PJRT_NPROC`,
+the pool size, when the backend starts); idle threads cost nothing, and a value already in the
+environment is kept.
 """
 from __future__ import annotations
 
@@ -29,10 +33,13 @@ import sys
 
 # Seconds a rendezvous waits for a late device thread before XLA:CPU aborts the process (XLA's default: 40).
 COLLECTIVE_TIMEOUT_S = 600
+# Worker threads per simulated device in XLA's CPU client pool (`PJRT_NPROC`); 1 deadlocks, 2 did not.
+THREADS_PER_DEVICE = 4
 
 
 def simulate(num_devices: int) -> None:
-    """Makes JAX (started after this call) see `num_devices` CPU devices, with patient collectives."""
+    """Makes JAX (started after this call) see `num_devices` CPU devices, with patient collectives and enough
+    worker threads that a device waiting in a collective never starves the others (see the module docstring)."""
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     flags = os.environ.get("XLA_FLAGS", "")
@@ -43,6 +50,7 @@ def simulate(num_devices: int) -> None:
              f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}",
              f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}"]
     os.environ["XLA_FLAGS"] = " ".join([flags] + [f for f in extra if f.split("=")[0] not in flags]).strip()
+    os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, THREADS_PER_DEVICE * num_devices)))
 
 
 def _backend_started() -> bool:
