@@ -20,7 +20,7 @@ Reports lower/compile time, the median step time over `--steps` steps after `--w
 and per-device memory (`compiled.memory_analysis()`; `device.memory_stats()` where the backend has it).
 FLOPs: `Lowered.cost_analysis()` of the un-partitioned step gives the *global* FLOPs per step (used
 for TFLOP/s and MFU); `Compiled.cost_analysis()` of the SPMD program is *per device* (see
-colearn_jax/perf.py). The analytic model FLOPs (3 × forward; CLIP ViT and SimCLR ResNet configs) are
+colearn_jax/perf.py). The analytic model FLOPs (3 × forward; CLIP ViT, CoCa and SimCLR configs) are
 printed beside them. MFU needs
 the chip's peak: looked up from `device_kind` (H100/H200/A100/TPU v4/v5e/v5p/v6e, bf16 or f32 by
 `config.model.dtype`), else `--peak_tflops`; CPU has none, so MFU is "n/a" there.

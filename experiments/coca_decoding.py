@@ -1,14 +1,15 @@
 """python experiments/coca_decoding.py --size=base --repeats=5 --out=experiments/results/coca_decoding.json
 
-CoCa caption decoding speed on the CPU: key/value-cached vs uncached greedy decoding in colearn_jax,
-and open_clip's CoCa `generate` measured in the same run (the benchmark item of the "CoCa" issue:
-tokens/s for cached vs uncached decoding at the `base` size, 30 new tokens, batch 8; cached must be
-at least 5x faster per token). CoCa: Yu et al. 2022, "CoCa: Contrastive Captioners are Image-Text
-Foundation Models", Sec. 3 (the captioning half: the multimodal text decoder cross-attends to the
-image encoder's pooled tokens and generates the caption autoregressively).
+CoCa caption decoding speed on the CPU (or a GPU: `--device=cuda`): key/value-cached vs uncached
+greedy decoding in colearn_jax, and open_clip's CoCa `generate` measured in the same run (the benchmark
+item of the "CoCa" issue: tokens/s for cached vs uncached decoding at the `base` size, 30 new tokens,
+batch 8; cached must be at least 5x faster per token). CoCa: Yu et al. 2022, "CoCa: Contrastive
+Captioners are Image-Text Foundation Models", Sec. 3 (the captioning half: the multimodal text decoder
+cross-attends to the image encoder's pooled tokens and generates the caption autoregressively).
 
   python experiments/coca_decoding.py --size=tiny --repeats=2      # seconds: a check of the script
   python experiments/coca_decoding.py --size=base --noopen_clip     # colearn_jax only
+  python experiments/coca_decoding.py --size=base --device=cuda --out=/tmp/coca_decoding_gpu.json  # on a GPU
 
 Setup (both sides random-initialised, fixed seeds; the numbers are speeds, not captions):
   model     `--size=base`: configs/coca.py:base (open_clip's coca_ViT-B-32 sizes: ViT-B/32 at 224 px,
@@ -49,13 +50,18 @@ Setup (both sides random-initialised, fixed seeds; the numbers are speeds, not c
             process may run on; torch gets the same count (`--threads`, 0 = that count). Before either
             runtime starts, glibc is told to keep freed memory (`colearn_jax.host_memory`, both
             processes; as experiments/benchmark.py).
+  device    `--device=cuda`: open_clip's model and images on the GPU (each timed call ends with
+            `torch.cuda.synchronize`; torch's float32 defaults, whose matmul precision is recorded), and
+            JAX on its default backend (the GPU, unless JAX_PLATFORMS says otherwise), without
+            preallocating (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set: the worker shares the GPU).
 
 Prints a table and writes JSON (`--out`) with the per-repeat times, compile times, parameter counts,
 checks (cached tokens == uncached tokens; every row made `--new_tokens` tokens; open_clip's model has
 as many parameters as colearn_jax's: 253,560,065 at base), open_clip's `rows_ended_early` (rows whose
 argmax was the padding id 0, which open_clip takes for an ended row and pads after; it still runs the
 whole batch every step, so the time is unaffected) and the environment (jax / torch / open_clip /
-transformers versions, device, CPU count, load average).
+transformers versions, device, CPU count, load average). If open_clip's worker does not start,
+colearn_jax's sides are timed alone and the JSON's `open_clip_error` says why.
 """
 from __future__ import annotations
 
@@ -85,6 +91,8 @@ if __name__ == "__main__":  # flags only when run as a script (tests import the 
     flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the images.")
     flags.DEFINE_integer("threads", 0, "torch threads; 0 = the cores this process may use (XLA's count).")
     flags.DEFINE_bool("open_clip", True, "Also time open_clip's CoCa.generate (in a subprocess).")
+    flags.DEFINE_string("device", "cpu", "torch device of open_clip's side (cpu | cuda). With cpu, JAX runs on the "
+                        "CPU too (JAX_PLATFORMS=cpu unless set); otherwise on its default backend.")
     flags.DEFINE_string("out", os.path.join(ROOT, "experiments/results/coca_decoding.json"),
                         "Write the results as JSON here ('' = do not write).")
     flags.DEFINE_string("worker", "", "Internal: run the open_clip worker with this JSON spec.")
@@ -248,6 +256,7 @@ def open_clip_worker(spec: dict) -> None:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(spec["threads"])
+    device = torch.device(spec.get("device", "cpu"))
     import open_clip  # noqa: PLC0415
     import transformers  # noqa: PLC0415
     from open_clip import coca_model  # noqa: PLC0415
@@ -273,10 +282,10 @@ def open_clip_worker(spec: dict) -> None:
     head = model.text_decoder.text_projection
     with torch.no_grad():
         head.normal_(std=head.shape[0] ** -0.5, generator=torch.Generator().manual_seed(spec["seed"]))
-    model.eval()
+    model.to(device).eval()
     build_s = time.perf_counter() - t0
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    images = torch.from_numpy(make_images(spec["batch_size"], spec["image_size"], spec["seed"]))
+    images = torch.from_numpy(make_images(spec["batch_size"], spec["image_size"], spec["seed"])).to(device)
     ids, new = spec["ids"], spec["new_tokens"]
     kwargs = dict(generation_type="top_k", top_k=1, seq_len=1 + new, min_seq_len=new, fixed_output_length=True,
                   sot_token_id=ids["sot"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
@@ -284,10 +293,12 @@ def open_clip_worker(spec: dict) -> None:
     def generate():
         t = time.perf_counter()
         out = model.generate(images, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t, out
 
     _, out = generate()  # warm-up
-    gen = out[:, 1:].numpy()
+    gen = out[:, 1:].cpu().numpy()
     ended_early = int(((gen[:, :-1] == ids["eos"]) | (gen[:, :-1] == ids["pad"])).any(axis=1).sum())
     say({"ready": True, "build_s": build_s, "params": sum(p.numel() for p in model.parameters()),
          "all_params_finite": finite, "output_shape": list(out.shape), "rows_ended_early": ended_early,
@@ -296,7 +307,9 @@ def open_clip_worker(spec: dict) -> None:
                                       _cfg_subset_matches(spec["model_cfg"], expected)),
          "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
                       "transformers": transformers.__version__, "numpy": np.__version__},
-         "torch_threads": torch.get_num_threads()})
+         "torch_threads": torch.get_num_threads(), "torch_device": str(device),
+         "torch_device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+         "torch_float32_matmul_precision": torch.get_float32_matmul_precision()})
     for line in sys.stdin:
         if line.strip() == "run":
             say({"seconds": generate()[0]})
@@ -353,7 +366,7 @@ class OpenClipSide:
 
 # ----------------------------------------------------------------------------- the measurement
 def measure(size: str = "tiny", batch_size: int = 8, new_tokens: int = 30, repeats: int = 5, seed: int = 0,
-            threads: int = 0, with_open_clip: bool = True, log=print) -> dict:
+            threads: int = 0, with_open_clip: bool = True, device: str = "cpu", log=print) -> dict:
     """Builds and compiles everything, then `repeats` alternating rounds; returns the JSON report."""
     from colearn_jax import host_memory  # noqa: PLC0415
 
@@ -368,17 +381,23 @@ def measure(size: str = "tiny", batch_size: int = 8, new_tokens: int = 30, repea
         f"uncached in {built['decoders'][1].compile_s:.1f} s ({time.perf_counter() - t0:.1f} s with init + warm-up)")
     config = built["config"]
     sides = list(built["decoders"])
-    oc = None
+    oc, open_clip_error = None, None
     if with_open_clip:
         spec = {"size": size, "batch_size": batch_size, "new_tokens": new_tokens, "seed": seed, "threads": threads,
-                "image_size": config.model.vision.image_size, "ids": built["ids"],
+                "device": device, "image_size": config.model.vision.image_size, "ids": built["ids"],
                 "model_cfg": open_clip_model_cfg(config),
                 "open_clip_name": "coca_ViT-B-32" if size == "base" else ""}
         t0 = time.perf_counter()
-        oc = OpenClipSide(spec)
-        log(f"open_clip: {oc.info['params'] / 1e6:.1f}M params, torch {oc.info['torch_threads']} threads "
-            f"(ready in {time.perf_counter() - t0:.1f} s with one warm-up generate)")
-        sides.append(oc)
+        try:
+            oc = OpenClipSide(spec)
+        except RuntimeError as e:  # the worker did not start: colearn_jax's figures stand alone
+            open_clip_error = str(e)[-1000:]
+            log(f"open_clip: not timed: {open_clip_error}")
+        else:
+            log(f"open_clip: {oc.info['params'] / 1e6:.1f}M params on {oc.info['torch_device']}, torch "
+                f"{oc.info['torch_threads']} threads "
+                f"(ready in {time.perf_counter() - t0:.1f} s with one warm-up generate)")
+            sides.append(oc)
     times = {s.name: [] for s in sides}
     try:
         for r in range(repeats):
@@ -397,7 +416,8 @@ def measure(size: str = "tiny", batch_size: int = 8, new_tokens: int = 30, repea
     if oc is not None:
         results["open_clip"].update({k: oc.info[k] for k in (
             "params", "build_s", "all_params_finite", "output_shape", "rows_ended_early", "last_token_is_eos",
-            "model_cfg_matches_config", "torch_threads")})
+            "model_cfg_matches_config", "torch_threads", "torch_device", "torch_device_name",
+            "torch_float32_matmul_precision")})
     if oc is not None:  # the same architecture on both sides
         checks["open_clip_params_equal"] = oc.info["params"] == built["params"]
     for name in ("cached", "uncached"):  # the per-step cost once the fixed cost is paid
@@ -412,7 +432,8 @@ def measure(size: str = "tiny", batch_size: int = 8, new_tokens: int = 30, repea
     d = jax.devices()[0]
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": str(d), "device_kind": d.device_kind,
            "device_count": jax.device_count(), "host_cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
-           "torch_threads": threads, "host_malloc": malloc is not None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "torch_threads": threads, "torch_device": device, "host_malloc": malloc is not None,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "loadavg_1m_before": None if load_before is None else round(load_before, 2),
            "loadavg_1m_after": None if load_after is None else round(load_after, 2)}
     if oc is not None:
@@ -427,7 +448,7 @@ def measure(size: str = "tiny", batch_size: int = 8, new_tokens: int = 30, repea
                      "open_clip_call": "generate(generation_type='top_k', top_k=1, seq_len=%d, min_seq_len=%d, "
                                        "fixed_output_length=True)" % (1 + new_tokens, new_tokens)},
         "results": results, "speedup": speedups,
-        "checks": checks, "env": env,
+        "checks": checks, "env": env, "open_clip_error": open_clip_error,
     }
 
 
@@ -443,7 +464,8 @@ def table(report: dict) -> str:
     e = report["env"]
     rows.append(f"\n{report['size']}: batch {report['batch_size']}, {report['new_tokens']} new tokens, greedy, "
                 f"median of {report['repeats']}; {e['backend']} ({e['device_kind']}), {e['usable_cpus']} usable of "
-                f"{e['host_cpus']} CPUs, torch threads {e['torch_threads']}, jax {e['jax']}"
+                f"{e['host_cpus']} CPUs, torch threads {e['torch_threads']} on {e.get('torch_device', 'cpu')}, "
+                f"jax {e['jax']}"
                 + (f", torch {e['torch']}, open_clip {e['open_clip']}, transformers {e['transformers']}"
                    if "torch" in e else "")
                 + f"; load avg {e['loadavg_1m_before']} -> {e['loadavg_1m_after']}")
@@ -458,6 +480,8 @@ def table(report: dict) -> str:
                 f"{c['all_rows_full_length']}"
                 + (f"; open_clip parameter count equal: {c['open_clip_params_equal']}"
                    if "open_clip_params_equal" in c else ""))
+    if report.get("open_clip_error"):
+        rows.append(f"open_clip not timed: its worker did not start: {report['open_clip_error']}")
     return "\n".join(rows)
 
 
@@ -467,9 +491,12 @@ def main(argv):
     if FLAGS.worker:
         open_clip_worker(json.loads(FLAGS.worker))
         return
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the benchmark is a CPU one (torch runs on the CPU)
+    if FLAGS.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: both sides on the CPU
+    else:  # JAX's default backend, sharing the accelerator with the torch worker: allocate as needed
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     report = measure(FLAGS.size, FLAGS.batch_size, FLAGS.new_tokens, FLAGS.repeats, FLAGS.seed, FLAGS.threads,
-                     FLAGS.open_clip)
+                     FLAGS.open_clip, FLAGS.device)
     print(table(report))
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -50,6 +50,18 @@ def test_benchmark_train_step_needs_no_tfds_or_grain(tmp_path):
     assert result["step_time_s"] > 0 and result["flops_per_step"] > 0
 
 
+@pytest.mark.parametrize("config", ["coca.py:tiny", "simclr.py:tiny", "imagebind.py:tiny"])
+def test_systems_train_steps_need_no_tfds_or_grain(tmp_path, config):
+    """The systems set's cells (ImageBind's batch spec and config checks once imported TFDS and grain)."""
+    out = tmp_path / "step.json"
+    proc = _python(["experiments/benchmark.py", f"--config=configs/{config}", "--batch_size=8", "--steps=1",
+                    "--warmup=0", f"--out={out}"], blocked=NOT_ON_GPU_IMAGE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["result"]
+    assert result["step_time_s"] > 0 and result["global_batch"] == 8
+    assert (result["flops_per_step_analytic"] is None) == config.startswith("imagebind")  # CoCa, SimCLR: formulas
+
+
 def test_open_clip_side_alone_never_starts_jax(tmp_path):
     pytest.importorskip("open_clip")
     out = tmp_path / "open_clip.json"
@@ -118,6 +130,45 @@ def test_gpu_table_rows_ratios_and_reasons(tmp_path):
     assert cells[0]["vs_open_clip"] == pytest.approx(2.0) and cells[2]["metrics"] is None
 
 
+def test_gpu_table_systems_set_train_steps_and_decoding(tmp_path):
+    """The systems set's table: one row per train step (dtype, MFU or n/a, reasons), and the decoding table
+    with tokens/s of the three sides and the speed-ups."""
+    (tmp_path / "logs").mkdir()
+    header = CELLS_HEADER.replace("batch\t", "batch\tdtype\t")
+    lines = ["coca_base\tcolearn_jax\tcoca:base\tcudnn\tdots\t256\tbfloat16\t0\t60\tok\t",
+             "imagebind_huge\tcolearn_jax\timagebind:huge\tcudnn\tdots\t128\tbfloat16\t1\t30\tfailed\t",
+             "coca_decoding\tdecoding\tbase\t-\t-\t8\tfloat32\t0\t80\tok\t"]
+    (tmp_path / "cells.tsv").write_text(header + "\n".join(lines) + "\n")
+    (tmp_path / "coca_base.json").write_text(json.dumps({
+        "mode": "train_step", "env": {"device_kind": "NVIDIA H200"},
+        "result": {"step_time_s": 0.128, "examples_per_s": 2000.0, "mfu_analytic": 0.201, "model_tflops_per_s": None,
+                   "device_memory": {"peak_bytes_in_use": 30 * 2**30}, "memory": {}, "lower_s": 5.0,
+                   "compile_s": 30.0, "dtype": "bfloat16", "peak_tflops_per_device": 989.0}}))
+    (tmp_path / "logs" / "imagebind_huge.log").write_text("ValueError: Unsupported sequence length\n")
+    side = lambda tps, marginal: {"tokens_per_s": tps, "marginal_ms_per_step": marginal}  # noqa: E731
+    (tmp_path / "coca_decoding.json").write_text(json.dumps({
+        "benchmark": "coca_decoding", "new_tokens": 30, "repeats": 5, "env": {"device_kind": "NVIDIA H200",
+                                                                             "torch_device": "cuda"},
+        "results": {"cached": side(2400.0, 3.0), "uncached": side(800.0, 9.0), "open_clip": {"tokens_per_s": 600.0}},
+        "speedup": {"uncached_over_cached": 3.0, "open_clip_over_cached": 4.0, "uncached_over_cached_per_step": 3.0},
+        "checks": {"cached_equals_uncached": True}}))
+    (tmp_path / "meta.json").write_text(json.dumps({"date": "2026-01-01", "commit": "abc1234", "smoke": 0,
+                                                   "versions": "jax 0.0", "set": "systems"}))
+    md = tmp_path / "t.md"
+    assert _load_gpu_table().main([str(tmp_path), f"--md={md}"]) == 0
+    text = md.read_text()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith(("| CoCa", "| ImageBind"))]
+    assert rows[0] == ["CoCa base", "colearn_jax", "bfloat16", "cudnn", "dots", "256", "128.0", "2000.0", "20.1%",
+                       "30.0 GiB", "35.0"]
+    assert rows[1][:6] == ["ImageBind huge", "colearn_jax", "bfloat16", "cudnn", "dots", "128"]
+    assert rows[1][6] == "n/a (failed: ValueError: Unsupported sequence length)"
+    assert rows[2] == ["CoCa base", "8", "30", "2400.0", "800.0", "600.0", "3.0 / 9.0", "3.00x", "3.00x, 4.00x",
+                       "True"]
+    assert "one NVIDIA H200" in text and "989.0 TFLOP/s for bfloat16" in text and "on cuda" in text
+    assert "GPU_SUITE_SET=systems" in text and "2 of 3 cells" in text
+
+
 def test_gpu_table_names_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="cells.tsv"):
         _load_gpu_table().main([str(tmp_path)])
@@ -149,7 +200,8 @@ def test_gpu_suite_smoke_runs_cells_and_survives_a_failing_one(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_suite.")]  # the work directory is removed
 
 
-def test_gpu_suite_budget_skips_cells_and_still_writes_the_table(tmp_path):
-    cells, table = _suite(tmp_path, GPU_SUITE_BUDGET_S="0")
-    assert len(cells) == 4 and {c["status"] for c in cells.values()} == {"skipped"}
-    assert table.count("n/a (skipped: suite budget spent") == 4
+@pytest.mark.parametrize("cell_set,count", [("clip", 4), ("systems", 8)])
+def test_gpu_suite_budget_skips_cells_and_still_writes_the_table(tmp_path, cell_set, count):
+    cells, table = _suite(tmp_path, GPU_SUITE_BUDGET_S="0", GPU_SUITE_SET=cell_set)
+    assert len(cells) == count and {c["status"] for c in cells.values()} == {"skipped"}
+    assert table.count("n/a (skipped: suite budget spent") == count

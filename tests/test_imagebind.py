@@ -221,3 +221,17 @@ def test_mixture_of_datasets_that_each_give_some_modalities():
     bad.data.mixture = [{"name": "digit_modalities", "weight": 1.0, "modalities": ["audio", "depth"]}]
     with pytest.raises(ValueError, match=r"mixture\[0\].modalities.*must include 'vision'"):
         system.validate_config(bad)
+
+
+def test_example_batch_takes_digit_modalities_formats_without_tfds():
+    """`imagebind_system.example_batch` reads the audio rate and IMU channels from modules that import no
+    TFDS (benchmarks run the train step where TFDS is absent): the numbers `digit_modalities` writes."""
+    from colearn_jax.data import audio, digit_modalities, modality_io  # noqa: PLC0415
+    from colearn_jax.models import imagebind_system  # noqa: PLC0415
+
+    assert (audio.SAMPLE_RATE, len(modality_io.IMU_COLUMNS)) == (digit_modalities.SAMPLE_RATE,
+                                                                 digit_modalities.IMU_CHANNELS)
+    c = load_config("imagebind.py:digits")
+    spec = imagebind_system.example_batch(c, 2)
+    assert spec["audio"].shape == (2, digit_modalities.AUDIO_SAMPLES)
+    assert spec["imu"].shape == (2, digit_modalities.IMU_CHANNELS, digit_modalities.IMU_LENGTH)

@@ -105,6 +105,26 @@ def test_vit_analytic_flops_equal_the_models_matmuls(stem):
     assert perf.simclr_train_flops(simclr, 8) > 3 * 16 * perf.vit_forward_flops(32, 8, 96, 4, 4.0, "conv")
 
 
+@pytest.mark.parametrize("preset,pooler", [("tiny", "open_clip"), ("tiny", "paper"), ("scenes", "open_clip")])
+def test_coca_analytic_flops_equal_the_models_matmuls(preset, pooler):
+    """`perf.coca_forward_flops` counts exactly the dot and convolution FLOPs of CoCa's teacher-forced forward
+    (one image-caption pair; both pooler layouts; the conv stem of `scenes`)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    from colearn_jax.models import get_system  # noqa: PLC0415
+
+    config = load_config(f"coca.py:{preset}")
+    config.unlock()
+    config.model.update(scan=False, pooler=pooler)
+    model = get_system("coca").build_model(config)
+    v, t = config.model.vision, config.model.text
+    batch = {"image": jnp.zeros((1, v.image_size, v.image_size, 3)), "text": jnp.ones((1, t.context_length), jnp.int32)}
+    variables = nn.unbox(model.init(jax.random.PRNGKey(0), batch))
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, batch))(variables)
+    assert _matmul_flops(jaxpr.jaxpr) == pytest.approx(perf.coca_forward_flops(config), rel=1e-9)
+    assert perf.analytic_train_flops(config, 4) == perf.coca_train_flops(config, 4) > 3 * 4 * _matmul_flops(jaxpr.jaxpr)
+
+
 def test_cost_analysis_compiled_is_per_device_lowered_is_global():
     mesh = jax.make_mesh((8,), ("data",))
     x = jax.ShapeDtypeStruct((1024, 64), jnp.float32, sharding=NamedSharding(mesh, P("data")))
@@ -136,7 +156,7 @@ def test_step_flops_counts_the_twin_when_scanned():
             self.flops = flops
 
         def cost_analysis(self):
-            return {"flops": self.flops}
+            return None if self.flops is None else {"flops": self.flops}
 
     lowered_configs = []
 
@@ -152,6 +172,8 @@ def test_step_flops_counts_the_twin_when_scanned():
     assert [c.model.scan for c in lowered_configs] == [False]
     assert r["flops_per_step_analytic"] == perf.clip_train_flops(scanned, scanned.data.batch_size)
     assert perf.step_flops(scanned, Stage(40.0), lower=None)["flops_per_step"] == 40.0  # twin skipped
+    r = perf.step_flops(scanned, Stage(None), lower=lower)  # a backend without cost analysis (the GPU's)
+    assert r["flops_per_step"] is None and len(lowered_configs) == 1  # no twin lowered for nothing
 
 
 def test_time_steps_counts_only_steady_state():

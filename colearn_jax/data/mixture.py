@@ -14,9 +14,10 @@ e.g. `[{"name": "digits_captions", "weight": 3}, {"name": "coco_captions", "weig
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import grain
+if TYPE_CHECKING:  # grain loads in `mix` only: config checks read `component_configs` without it
+    import grain
 
 
 def normalized_weights(weights: Sequence[float], key: str = "config.data.mixture") -> list[float]:
@@ -33,6 +34,8 @@ def normalized_weights(weights: Sequence[float], key: str = "config.data.mixture
 def mix(datasets: Sequence[grain.MapDataset], weights: Sequence[float], *, seed: int,
         reshuffle: bool = True) -> grain.MapDataset:
     """An endless weighted mixture of `datasets` (each shuffled with seed + i and repeated)."""
+    import grain  # noqa: PLC0415
+
     weights = normalized_weights(weights)
     if len(weights) != len(datasets):
         raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights in the mixture.")

@@ -108,14 +108,17 @@ def present_key(modality: str) -> str:
 # ----------------------------------------------------------------------------- batches
 def example_batch(config, batch_size: int) -> dict:
     """As the host pipeline yields it (before `make_batch_transform`)."""
-    from colearn_jax.data import digit_modalities as dm  # noqa: PLC0415
+    # digit_modalities' formats from the modules without TFDS (the train step needs no dataset)
+    from colearn_jax.data import audio, modality_io  # noqa: PLC0415
 
     s, d, t = config.data.image_size, config.data, config.model.towers
     side = {m: tuple(t[m].input_size) for m in ("depth", "thermal") if m in config.model.modalities}
+    imu_channels = len(modality_io.IMU_COLUMNS)
     spec = {"image": ((s, s, 3), jnp.float32), "text": ((d.context_length,), jnp.int32),
-            "audio": ((int(d.audio_seconds * dm.SAMPLE_RATE),), jnp.int16),
+            "audio": ((int(d.audio_seconds * audio.SAMPLE_RATE),), jnp.int16),
             "depth": (side.get("depth", (s, s)) + (1,), jnp.float32),
-            "thermal": (side.get("thermal", (s, s)) + (1,), jnp.uint8), "imu": ((dm.IMU_CHANNELS, d.imu_length), jnp.float16)}
+            "thermal": (side.get("thermal", (s, s)) + (1,), jnp.uint8),
+            "imu": ((imu_channels, d.imu_length), jnp.float16)}
     out = {BATCH_KEYS[m]: jax.ShapeDtypeStruct((batch_size,) + spec[BATCH_KEYS[m]][0], spec[BATCH_KEYS[m]][1])
            for m in config.model.modalities}
     out.update({present_key(m): jax.ShapeDtypeStruct((batch_size,), jnp.bool_) for m in partial_pairs(config)})
