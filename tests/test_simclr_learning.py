@@ -45,7 +45,8 @@ def pretrained(tmp_path_factory):
 def test_pretraining_lowers_the_loss_and_beats_random_init(pretrained):
     rows = pretrained["rows"]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert losses[-1] < losses[0] - 0.5, losses
+    late = sum(losses[-3:]) / 3  # one logged batch is noisy (±0.15 at batch 64): the last three's mean
+    assert late < losses[0] - 0.5, losses
     final = [r for r in rows if "eval/linear_top1" in r][-1]
     base = pretrained["random_init"]
     print(f"SimCLR linear {final['eval/linear_top1']:.3f} knn {final['eval/knn_top1']:.3f}; "
