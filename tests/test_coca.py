@@ -176,6 +176,62 @@ def test_affine_augmentation_is_an_on_device_batch_transform():
     assert elastic.shape == out["image"].shape and not np.allclose(elastic, out["image"], atol=1e-3)
 
 
+def test_token_tags_are_each_patch_ink_shares_and_warp_with_the_image():
+    """loss.lambda_token_tag (token labelling): "token_tags" hold each patch's share of each instance class's
+    ink (by hand on a 16 px, 2x2-patch map); an identity warp leaves them as they are and a real one moves
+    them with the image; the loss averages softmax cross-entropy over inked tokens only, and a config
+    without the instance map or its classes is refused by name."""
+    from colearn_jax.models.coca_system import make_batch_transform, token_tag_loss  # noqa: PLC0415
+    from colearn_jax.train.rng import step_keys  # noqa: PLC0415
+
+    config = _config(num_tags=10)  # 16 px, patch 8: tokens = the four 8x8 quadrants
+    config.loss.update(lambda_token_tag=1.0)
+    config.data.update(tag_key="tags", tag_slots=3, segmentation_key="seg")
+    system = get_system("coca")
+    system.validate_config(config)
+    assert system.example_batch(config, 2)["seg"].shape == (2, 16, 16, 1)
+    seg = np.zeros((2, 16, 16, 1), np.uint8)
+    seg[0, :8, :8] = 1           # instance 0 (class 7) fills the top-left patch
+    seg[0, 8:, 8:12] = 2         # instance 1 (class 3) covers half the bottom-right patch ...
+    seg[0, 8:10, 12:] = 1        # ... and instance 0 an eighth of it
+    seg[1, 8:9, :4] = 1          # example 1: 4 pixels of class 5 in the bottom-left patch (1/16 < 0.1)
+    batch = synthetic_clip_batch(config, batch_size=2, seed=1)
+    batch.update(seg=seg, tags=np.array([[7, 3, -1], [5, -1, -1]], np.int32))
+    keys = step_keys(jax.random.PRNGKey(0), 3, ("dropout", "augment"))
+    shares = np.asarray(make_batch_transform(config)(batch, keys, 3)["token_tags"])
+    expected = np.zeros((2, 4, 10))
+    expected[0, 0, 7] = 1.0
+    expected[0, 3, 3], expected[0, 3, 7] = 0.5, 0.125
+    expected[1, 2, 5] = 4 / 64
+    np.testing.assert_allclose(shares, expected, atol=1e-6)
+
+    config.augment.update(affine=True, rotate=0.0, scale=(1.0, 1.0), shear=0.0)  # identity warp
+    out = make_batch_transform(config)(batch, keys, 3)
+    np.testing.assert_allclose(out["token_tags"], expected, atol=1e-5)
+    np.testing.assert_allclose(out["image"], batch["image"], atol=1e-5)
+    config.augment.update(rotate=30.0)
+    moved = np.asarray(make_batch_transform(config)(batch, keys, 3)["token_tags"])
+    assert not np.allclose(moved, expected, atol=1e-2) and np.isclose(moved[0].sum(), expected[0].sum(), rtol=0.3)
+
+    logits = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 10))
+    loss, metrics = token_tag_loss(logits, jnp.asarray(expected))
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    by_hand = (-logp[0, 0, 7] - (0.5 * logp[0, 3, 3] + 0.125 * logp[0, 3, 7]) / 0.625) / 2  # two inked tokens
+    np.testing.assert_allclose(float(loss), by_hand, rtol=1e-5)
+    assert 0.0 <= float(metrics["token_tag_top1"]) <= 1.0
+
+    variables = system.build_model(config).init(jax.random.PRNGKey(0), {k: batch[k] for k in ("image", "text")})
+    out = system.build_model(config).apply(variables, {k: batch[k] for k in ("image", "text")})
+    assert out["token_tag_logits"].shape == (2, 4, 10)
+    for key in ("data.segmentation_key", "data.tag_key"):
+        bad = config.copy_and_resolve_references()
+        bad.unlock()
+        section, name = key.split(".")
+        bad[section][name] = None
+        with pytest.raises(ValueError, match=key):
+            system.validate_config(bad)
+
+
 def test_scenes_tagged_pipeline_carries_the_digits_its_captions_name():
     """`scenes_tagged`: the train pipeline carries each scene's `box_digits`, and they are the digits the
     caption names (the caption lists every digit; "one/two/three digits:" opens it)."""

@@ -213,8 +213,6 @@ def affine_warp(image, angle, scale, shear, displacement=None):
     sheared by `shear` (radians, along x) about its centre; bilinear, edge pixels repeated outside.
     `displacement` [2, H, W] (rows, columns; pixels) is added to every output pixel's source position
     (`elastic_displacement`), so an affine and an elastic distortion cost one resampling."""
-    from jax.scipy.ndimage import map_coordinates  # noqa: PLC0415
-
     h, w = image.shape[:2]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     forward = scale * jnp.stack([jnp.stack([cos, -sin]), jnp.stack([sin, cos])]) @ jnp.stack(
@@ -226,8 +224,25 @@ def affine_warp(image, angle, scale, shear, displacement=None):
     coords = jnp.stack([cy - src[1], src[0] + cx])
     if displacement is not None:
         coords = coords + displacement.astype(coords.dtype)
-    return jnp.stack([map_coordinates(image[..., c], list(coords), order=1, mode="nearest")
-                      for c in range(image.shape[-1])], -1)
+    return bilinear_sample(image, coords)
+
+
+def bilinear_sample(image, coords):
+    """`image` [H, W, C] read at fractional (row, column) positions `coords` [2, ...]: bilinear, positions
+    outside clamped to the edge (`jax.scipy.ndimage.map_coordinates(order=1, mode="nearest")` per
+    channel, with the corner indices and weights computed once and every channel gathered together)."""
+    h, w = image.shape[:2]
+    rows, cols = coords[0], coords[1]
+    r0, c0 = jnp.floor(rows), jnp.floor(cols)
+    fr, fc = (rows - r0)[..., None], (cols - c0)[..., None]
+    r0, c0 = r0.astype(jnp.int32), c0.astype(jnp.int32)
+
+    def at(r, c):
+        return image[jnp.clip(r, 0, h - 1), jnp.clip(c, 0, w - 1)]
+
+    top = (1 - fc) * at(r0, c0) + fc * at(r0, c0 + 1)
+    bottom = (1 - fc) * at(r0 + 1, c0) + fc * at(r0 + 1, c0 + 1)
+    return (1 - fr) * top + fr * bottom
 
 
 def elastic_displacement(key, shape, alpha: float, sigma: float):

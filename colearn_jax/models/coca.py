@@ -163,7 +163,8 @@ class CoCa(nn.Module):
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, Any]:
         """Teacher forcing: "logits" [b, L-1, V] of text[:, :-1] predict text[:, 1:]
-        (+ "tag_logits" [b, num_tags] when the tagging head is on)."""
+        (+ "tag_logits" [b, num_tags] and "token_tag_logits" [b, patches, num_tags], the same head on each
+        patch token, when the tagging head is on; XLA drops whichever the objective does not use)."""
         tokens = self.vision(batch["image"], train=train)["tokens"]
         latent, memory = self._pool(tokens)
         text = self.text(batch["text"], train=train)
@@ -172,6 +173,7 @@ class CoCa(nn.Module):
                "logit_scale": self.logit_scale, "logits": logits}
         if self.num_tags:
             out["tag_logits"] = self.tag_logits(tokens)
+            out["token_tag_logits"] = self.tag_head(tokens[:, 1:])  # token 0 is the class token
         return out
 
     # ------------------------------------------------------------------ generation

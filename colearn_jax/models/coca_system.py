@@ -3,9 +3,13 @@
 config checks and its evaluator (zero-shot classification through the contrastive path, captions
 through the decoding engine).
 
-Beyond the paper, both off by default: + λ_tag · an image-tagging loss (Tag2Text-style: the tag head
-against the tag ids an example carries in `data.tag_key`), and on-device affine warps of the training
-images (`augment.affine`, with an optional elastic distortion: `augment.elastic_alpha`).
+Beyond the paper, all off by default: + λ_tag · an image-tagging loss (Tag2Text-style: the tag head
+against the tag ids an example carries in `data.tag_key`); + λ_token_tag · a per-token tagging loss
+(token labelling, Jiang et al. 2021, Sec. 3: every ViT patch token is classified with the same tag head
+against the share of each digit's ink in its patch, read from the per-pixel instance map in
+`data.segmentation_key` and the instances' classes in `data.tag_key`); and on-device affine warps of the
+training images (`augment.affine`, with an optional elastic distortion: `augment.elastic_alpha`), which
+warp the token targets' ink maps with the image.
 
 Config layout: colearn_jax/configs/coca.py.
 """
@@ -50,8 +54,10 @@ def build_model(config) -> CoCa:
 
 
 def tag_key(config) -> str | None:
-    """The example field holding an image's tags (class ids, -1 padded) when the tagging loss is on."""
-    return config.data.get("tag_key") if config.loss.get("lambda_tag", 0.0) else None
+    """The example field holding an image's tags (class ids, -1 padded) when either tagging loss is on (the
+    per-token one reads instance i's class from tag i)."""
+    on = config.loss.get("lambda_tag", 0.0) or config.loss.get("lambda_token_tag", 0.0)
+    return config.data.get("tag_key") if on else None
 
 
 def tag_targets(ids: jax.Array, num_tags: int) -> jax.Array:
@@ -59,10 +65,43 @@ def tag_targets(ids: jax.Array, num_tags: int) -> jax.Array:
     return jax.nn.one_hot(ids, num_tags, dtype=jnp.float32).max(axis=1)
 
 
+def segmentation_key(config) -> str | None:
+    """The example field holding the per-pixel instance map (0 = background, i + 1 = instance i, whose class
+    is tag i of `data.tag_key`) when the per-token tagging loss is on."""
+    return config.data.get("segmentation_key") if config.loss.get("lambda_token_tag", 0.0) else None
+
+
+# A patch token is a tagging target when digit ink covers at least this share of its pixels.
+TOKEN_MIN_INK = 0.1
+
+
+def instance_maps(segmentation: jax.Array, slots: int) -> jax.Array:
+    """segmentation int [b, H, W, 1] (0 = background, i + 1 = instance i) -> float32 [b, H, W, slots]: one
+    channel per instance, 1 where its ink is on top."""
+    return jax.nn.one_hot(segmentation[..., 0].astype(jnp.int32) - 1, slots, dtype=jnp.float32)  # -1: zeros
+
+
+def patch_shares(maps: jax.Array, patch: int) -> jax.Array:
+    """[b, H, W, K] per-pixel maps -> [b, (H/patch)·(W/patch), K] their means over each patch, in the ViT's
+    row-major token order."""
+    b, h, w, k = maps.shape
+    cells = maps.reshape(b, h // patch, patch, w // patch, patch, k).mean(axis=(2, 4))
+    return cells.reshape(b, -1, k)
+
+
+def class_shares(instance_shares: jax.Array, instance_classes: jax.Array, num_tags: int) -> jax.Array:
+    """Per-token instance shares [b, n, slots] and the instances' classes int [b, slots] (-1 = none) ->
+    per-token class shares [b, n, num_tags] (two instances of one class add up)."""
+    return jnp.einsum("bns,bsk->bnk", instance_shares, jax.nn.one_hot(instance_classes, num_tags, dtype=jnp.float32))
+
+
 def example_batch(config, batch_size: int) -> dict:
     batch = clip_system.example_batch(config, batch_size)
     if key := tag_key(config):
         batch[key] = jax.ShapeDtypeStruct((batch_size, int(config.data.tag_slots)), jnp.int32)
+    if key := segmentation_key(config):
+        s = config.data.image_size
+        batch[key] = jax.ShapeDtypeStruct((batch_size, s, s, 1), jnp.uint8)
     return batch
 
 
@@ -70,22 +109,37 @@ def make_batch_transform(config):
     """On device, first thing in the step: CLIP-normalise uint8 images (`data.normalize_on_device`), then,
     with `augment.affine`, warp each image by a small random rotation / scale / shear, and an elastic
     distortion with `augment.elastic_alpha` > 0 (the caption stays true: the layout keeps its
-    left-to-right order for small angles and displacements)."""
+    left-to-right order for small angles and displacements). With the per-token tagging loss, the
+    batch gains "token_tags" [b, tokens, num_tags]: each patch's share of each class's ink, from the
+    instance map warped together with its image (one resampling of the stacked channels)."""
     normalise = clip_system.make_batch_transform(config)
     aug = config.get("augment")
-    if not (aug and aug.get("affine")):
+    affine, seg_key = bool(aug and aug.get("affine")), segmentation_key(config)
+    if not (affine or seg_key):
         return normalise
     from colearn_jax.data import augment  # noqa: PLC0415
     from colearn_jax.train.rng import per_example_keys  # noqa: PLC0415
 
-    warp = jax.vmap(lambda image, key: augment.random_affine(
-        image, key, aug.rotate, tuple(aug.scale), aug.shear, aug.get("elastic_alpha", 0.0), aug.get("elastic_sigma", 4.0)))
+    if affine:
+        warp = jax.vmap(lambda image, key: augment.random_affine(
+            image, key, aug.rotate, tuple(aug.scale), aug.shear, aug.get("elastic_alpha", 0.0),
+            aug.get("elastic_sigma", 4.0)))
+    num_tags, patch = int(config.model.get("num_tags", 0)), int(config.model.vision.patch_size)
+    slots = int(config.data.get("tag_slots", 0))
 
     def transform(batch, rngs, step):
         batch = normalise(batch, rngs, step) if normalise is not None else batch
         images = batch["image"]
-        keys = per_example_keys(rngs["augment"], images.shape[0])
-        return {**batch, "image": warp(images.astype(jnp.float32), keys).astype(images.dtype)}
+        stack = images.astype(jnp.float32)
+        if seg_key:  # the instance channels are warped with the image, then pooled per patch
+            stack = jnp.concatenate([stack, instance_maps(batch[seg_key], slots)], axis=-1)
+        if affine:
+            stack = warp(stack, per_example_keys(rngs["augment"], images.shape[0]))
+        out = {**batch, "image": stack[..., :images.shape[-1]].astype(images.dtype)}
+        if seg_key:
+            shares = patch_shares(stack[..., images.shape[-1]:], patch)
+            out["token_tags"] = class_shares(shares, batch[tag_key(config)], num_tags)
+        return out
 
     return transform
 
@@ -93,10 +147,10 @@ def make_batch_transform(config):
 def make_train_data(config, ctx: DataContext):
     from colearn_jax.data import make_train_iterator  # noqa: PLC0415 (imports TFDS and grain)
 
-    key = tag_key(config)
+    extra = tuple(k for k in (tag_key(config), segmentation_key(config)) if k)
     return make_train_iterator(config.data, clip_system.tokenizer(config), seed=ctx.seed,
                                process_index=ctx.process_index, process_count=ctx.process_count,
-                               extra_keys=(key,) if key else ())
+                               extra_keys=extra)
 
 
 def make_objective(config, mesh=None, rules=None):
@@ -105,6 +159,8 @@ def make_objective(config, mesh=None, rules=None):
     kw = dict(gather=loss_cfg.gather, mesh=mesh, batch_axes=axes)
     lam_con, lam_cap, smoothing = float(loss_cfg.lambda_con), float(loss_cfg.lambda_cap), float(loss_cfg.label_smoothing)
     lam_tag, key = float(loss_cfg.get("lambda_tag", 0.0)), tag_key(config)
+    key = key if lam_tag else None
+    lam_token = float(loss_cfg.get("lambda_token_tag", 0.0)) if segmentation_key(config) else 0.0
 
     def objective(outputs, batch, rngs, step):
         con, metrics = contrastive.clip_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
@@ -122,9 +178,27 @@ def make_objective(config, mesh=None, rules=None):
                 tag = optax.sigmoid_binary_cross_entropy(logits, targets).mean()
             hit = jnp.take_along_axis(targets, logits.argmax(-1)[:, None], -1).mean()  # best tag is present
             loss, metrics = loss + lam_tag * tag, {**metrics, "tag_loss": tag, "tag_top1": hit}
+        if lam_token:
+            token, token_metrics = token_tag_loss(outputs["token_tag_logits"], batch["token_tags"])
+            loss, metrics = loss + lam_token * token, {**metrics, **token_metrics}
         return loss, metrics
 
     return objective
+
+
+def token_tag_loss(logits: jax.Array, shares: jax.Array) -> tuple[jax.Array, dict]:
+    """Per-token tagging (token labelling): logits [b, n, K] of the patch tokens against shares [b, n, K]
+    (each class's share of the patch's pixels). Softmax cross-entropy against the shares renormalised
+    over the classes, averaged over the tokens with at least TOKEN_MIN_INK ink; tokens without ink carry
+    no target."""
+    logits = logits.astype(jnp.float32)
+    ink = shares.sum(-1)
+    target = shares / jnp.maximum(ink, 1e-6)[..., None]
+    weight = (ink >= TOKEN_MIN_INK).astype(jnp.float32)
+    count = jnp.maximum(weight.sum(), 1.0)
+    loss = (optax.softmax_cross_entropy(logits, target) * weight).sum() / count
+    hit = (logits.argmax(-1) == target.argmax(-1)).astype(jnp.float32)
+    return loss, {"token_tag_loss": loss, "token_tag_top1": (hit * weight).sum() / count}
 
 
 def validate_config(config) -> None:
@@ -152,6 +226,13 @@ def validate_config(config) -> None:
         positive_ints(config, ("model.num_tags", "data.tag_slots"))
         if config.loss.get("tag_loss", "sigmoid") not in TAG_LOSSES:
             raise ValueError(f"config.loss.tag_loss={config.loss.tag_loss!r}; choose one of {TAG_LOSSES}.")
+    if config.loss.get("lambda_token_tag", 0.0):
+        check_ranges(config, {"loss.lambda_token_tag": (0.0, float("inf"), True)})
+        for key, what in (("segmentation_key", "the per-pixel instance map"), ("tag_key", "the instances' classes")):
+            if not config.data.get(key):
+                raise ValueError(f"config.loss.lambda_token_tag > 0 needs config.data.{key} ({what}).")
+        positive_ints(config, ("model.num_tags", "data.tag_slots"))
+        check_divisible(config, "data.image_size", "model.vision.patch_size")
     if m.get("tag_pool", "mean") not in TAG_POOLS:
         raise ValueError(f"config.model.tag_pool={m.tag_pool!r}; choose one of {TAG_POOLS}.")
     shim = config.copy_and_resolve_references()
