@@ -23,8 +23,10 @@ Looping that step deadlocks within 1-21 steps (7 of 7 runs) with the default poo
 `PJRT_NPROC=8`, and runs clean with `PJRT_NPROC=16` (150 steps) and 32 (80 + 300 steps; the cube-mesh
 ring-loss step too, 100 steps, even with the concurrency-optimized scheduler off, which had deadlocked it).
 So `simulate` gives the pool `THREADS_PER_DEVICE` threads per simulated device (XLA reads `PJRT_NPROC`,
-the pool size, when the backend starts); idle threads cost nothing, and a value already in the
-environment is kept.
+the pool size, when the backend starts); idle threads cost nothing (the tiny CLIP step on 8 devices: 39 ms
+either way), and a value already in the environment is kept. One cost: with the larger pool glibc hands
+XLA's scratch buffer back more often, so `host_memory`'s reuse holds in fewer calls (tests/test_host_memory.py
+probes one device with the default pool) - simulated devices are for correctness and memory, not timing.
 """
 from __future__ import annotations
 
